@@ -1,0 +1,84 @@
+"""LongCat-Image through diffusers' ``LongCatImagePipeline`` (Meituan LongCat team, 2025).
+
+A Flux-style MMDiT (``LongCatImageTransformer2DModel``: joint then single-stream blocks, 3-axis RoPE) over
+2×2-packed 16-channel VAE latents, conditioned on Qwen2.5-VL hidden states. Differences from SD3 that the
+adapter absorbs (cdm.md §1, §7): the network takes ``timestep = σ`` (it multiplies by 1000 itself), there is
+no pooled embedding, text and image position ids are shared by the batch, latents are packed
+(B, (H/16)(W/16), 64), and the scheduler may use dynamic (resolution-dependent) shifting. Prompt rewriting
+and CFG renormalisation (pipeline defaults) are never used: the text processor is not even loaded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from cdmbench.backbones import BACKBONES
+from cdmbench.backbones.base import BackboneOptions, Cond
+from cdmbench.backbones.sd3 import DiffusersBackbone
+from cdmbench.errors import CdmbenchError
+
+
+@BACKBONES.register("longcat")
+class LongCatBackbone(DiffusersBackbone):
+    """LongCat-Image teacher: packed latents, Qwen2.5-VL text (512 tokens), timestep = σ."""
+
+    pipeline_class = "LongCatImagePipeline"
+    default_model = "meituan-longcat/LongCat-Image"
+    default_guidance = 4.5  # diffusers' LongCat default
+    default_teacher_steps = 50
+    default_max_shift = 1.15  # LongCatImagePipeline's fallback for ``max_shift``
+    pipeline_load_kwargs = {"text_processor": None}  # only prompt rewriting needs it
+    fsdp_block_classes = ("LongCatImageTransformerBlock", "LongCatImageSingleTransformerBlock")
+
+    def __init__(self, options: BackboneOptions = BackboneOptions()):
+        super().__init__(options)
+        from diffusers.pipelines.longcat_image.pipeline_longcat_image import prepare_pos_ids
+
+        if options.max_sequence_length:
+            self.pipe.tokenizer_max_length = options.max_sequence_length  # default 512
+        side = self.resolution // (2 * self.pipe.vae_scale_factor)  # packed tokens per image side
+        start = self.pipe.tokenizer_max_length  # image ids start after the text positions
+        self.img_ids = prepare_pos_ids(modality_id=1, type="image", start=(start, start), height=side,
+                                       width=side).to(self.device, torch.int64)
+
+    def _resolve_resolution(self, resolution: int | None) -> int:
+        f = 2 * self.pipe.vae_scale_factor
+        resolution = resolution or self.pipe.default_sample_size * self.pipe.vae_scale_factor
+        if resolution % f:
+            raise CdmbenchError(f"longcat: resolution must be a multiple of {f} pixels, got {resolution}")
+        return resolution
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return (self.image_seq_len, self.pipe.transformer.config.in_channels)
+
+    @property
+    def image_seq_len(self) -> int:
+        return (self.resolution // (2 * self.pipe.vae_scale_factor)) ** 2
+
+    def _encode(self, prompts: list[str]) -> Cond:
+        embeds, txt_ids = self.pipe.encode_prompt(prompts)  # (B, L, D), (L, 3) rows (0, k, k)
+        return Cond({"embeds": embeds}, {"txt_ids": txt_ids.to(torch.int64), "img_ids": self.img_ids})
+
+    def velocity(self, net: nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
+        dtype = next(net.parameters()).dtype
+        return net(
+            hidden_states=x.to(dtype), timestep=sigma.to(dtype), guidance=None,
+            encoder_hidden_states=cond.batched["embeds"].to(dtype),
+            txt_ids=cond.shared["txt_ids"], img_ids=cond.shared["img_ids"], return_dict=False,
+        )[0]
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        unpacked = self.pipe._unpack_latents(latents, self.resolution, self.resolution, self.pipe.vae_scale_factor)
+        return self._vae_decode(unpacked)
+
+    def inference_recipe(self) -> dict[str, dict[str, Any]]:
+        recipe = super().inference_recipe()
+        recipe["from_pretrained_kwargs"]["text_processor"] = None
+        recipe["call_kwargs"].update(enable_prompt_rewrite=False, enable_cfg_renorm=False)
+        if self.pipe.tokenizer_max_length != 512:
+            recipe["attributes"]["tokenizer_max_length"] = self.pipe.tokenizer_max_length
+        return recipe
