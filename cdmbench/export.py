@@ -1,0 +1,244 @@
+"""Export a distilled student as a standalone diffusers pipeline folder (cdm.md §8).
+
+The folder is the base pipeline with the student transformer: full weights (a full fine-tune, or LoRA merged
+with merge-and-unload), or the base transformer plus a LoRA file that ``pipe.load_lora_weights(folder)``
+reads. The scheduler is the base's FlowMatchEuler with its shift, and ``cdmbench_student.json`` stores the
+nominal and effective σ list per step count, so that
+
+    pipe(prompt, num_inference_steps=n, sigmas=record["schedules"][str(n)]["nominal"], guidance_scale=1.0,
+         **record["call_kwargs"])
+
+runs exactly the effective σ cdmbench sampled with. Unlike the CDM reference ``save.py``, loading is strict,
+the exported weights must differ from the base, and the folder appears atomically (written to a temporary
+sibling, then renamed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from cdmbench.errors import CdmbenchError
+from cdmbench.sampling import Schedule
+
+logger = logging.getLogger(__name__)
+
+STUDENT_FILE = "cdmbench_student.json"
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+FORMAT_VERSION = 1
+LoraMode = Literal["merge", "lora"]
+
+
+def export_student(backbone, student_state: dict[str, torch.Tensor], out_dir: str | os.PathLike,
+                   schedules: dict[int, Schedule], meta: dict[str, Any], lora_mode: LoraMode = "merge",
+                   *, overwrite: bool = False) -> Path:
+    """Write ``out_dir`` as a diffusers pipeline whose transformer is the student.
+
+    Args:
+        backbone: a diffusers backbone (``sd3``, ``longcat``) built with the student's options (LoRA rank, dtype).
+        student_state: ``backbone.net_state_dict(student)`` of the weights to ship (the EMA, usually); LoRA
+            backbones pass the adapter weights only. Loaded strictly.
+        out_dir: the folder to create; it must not exist unless ``overwrite``.
+        schedules: step count → the ``Schedule`` the student is evaluated with (``backbone.schedule(n)``).
+        meta: JSON-serialisable run facts (run dir, step, EMA, method …), stored under ``"meta"``.
+        lora_mode: "merge" writes full transformer weights (the only choice for full fine-tunes); "lora" keeps
+            the base transformer and writes ``pytorch_lora_weights.safetensors`` for ``load_lora_weights``.
+        overwrite: replace an existing ``out_dir`` (swapped in only after the new folder is complete).
+
+    Returns:
+        ``out_dir`` as a Path.
+    """
+    from cdmbench.backbones.sd3 import DiffusersBackbone
+
+    if not isinstance(backbone, DiffusersBackbone):
+        raise CdmbenchError(f"export writes diffusers pipelines; backbone {backbone.name!r} is not one "
+                            f"(exportable: sd3, longcat)")
+    if lora_mode not in ("merge", "lora"):
+        raise CdmbenchError(f"lora_mode must be 'merge' or 'lora', got {lora_mode!r}")
+    is_lora = backbone.options.lora_rank > 0
+    if lora_mode == "lora" and not is_lora:
+        raise CdmbenchError("lora_mode='lora' needs a LoRA student (lora_rank > 0); export full fine-tunes "
+                            "with lora_mode='merge'")
+    if lora_mode == "lora" and not hasattr(backbone.pipe, "load_lora_weights"):
+        raise CdmbenchError(f"{type(backbone.pipe).__name__} cannot load LoRA files in this diffusers "
+                            f"(no load_lora_weights); export with lora_mode='merge'")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise CdmbenchError(f"{out_dir} already exists; choose another folder or pass overwrite=True")
+    record = _student_record(backbone, schedules, meta, lora_mode)
+
+    net = backbone.load_net(student_state)  # strict: a key mismatch is an error
+    if is_lora:
+        _check_lora_changes_something(net)
+        if lora_mode == "merge":
+            net.fuse_lora()
+            net.unload_lora()
+    if any(p.dtype != backbone.options.torch_dtype for p in net.parameters()):
+        net = net.to(backbone.options.torch_dtype)  # ship in the teacher's dtype (fp32 masters → e.g. bf16)
+    net.eval()
+    if not is_lora or lora_mode == "merge":
+        _check_full_differs(net, backbone.teacher)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        pipe = backbone.pipe
+        transformer = backbone.teacher if lora_mode == "lora" else net
+        type(pipe)(**{**pipe.components, "transformer": transformer}).save_pretrained(tmp, safe_serialization=True)
+        if lora_mode == "lora":
+            _save_lora(backbone, net, tmp)
+        else:
+            _verify_saved_transformer(net, tmp / "transformer")
+        _verify_scheduler(backbone, tmp / "scheduler", schedules)
+        (tmp / STUDENT_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        _make_readable(tmp)
+        _swap_into_place(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    logger.info("exported %s student (%s) to %s", backbone.name, record["weights"], out_dir)
+    return out_dir
+
+
+def load_exported_pipeline(path: str | os.PathLike, **from_pretrained_kwargs):
+    """(pipeline, record) for a folder written by ``export_student``: applies the recorded load kwargs,
+    pipeline attributes and LoRA file. Call it with ``**record["call_kwargs"]`` and a recorded σ list."""
+    import diffusers
+
+    path = Path(path)
+    record = json.loads((path / STUDENT_FILE).read_text())
+    pipe = getattr(diffusers, record["pipeline_class"]).from_pretrained(
+        path, use_safetensors=True, **{**record["from_pretrained_kwargs"], **from_pretrained_kwargs})
+    for name, value in record["attributes"].items():
+        setattr(pipe, name, value)
+    if record["lora_weight_name"]:
+        pipe.load_lora_weights(path, weight_name=record["lora_weight_name"])
+    return pipe, record
+
+
+# ------------------------------------------------------------------------------------------------
+
+def _student_record(backbone, schedules: dict[int, Schedule], meta: dict, lora_mode: str) -> dict:
+    import cdmbench
+
+    if not schedules:
+        raise CdmbenchError("export needs at least one schedule (step count → Schedule)")
+    for n, s in schedules.items():
+        if not isinstance(n, int) or not isinstance(s, Schedule) or s.steps != n:
+            raise CdmbenchError(f"schedules must map a step count n to a Schedule of n steps; got {n!r}: {s!r}")
+        expected = backbone.shift_sigmas(list(s.nominal))
+        if any(abs(a - b) > 1e-6 for a, b in zip(expected, s.effective)):
+            raise CdmbenchError(f"the {n}-step schedule {s.as_dict()} was not made with this backbone's shift "
+                                f"(expected effective σ {expected})")
+    try:
+        json.dumps(meta)
+    except TypeError as e:
+        raise CdmbenchError(f"export meta must be JSON-serialisable: {e}") from e
+    is_lora = backbone.options.lora_rank > 0
+    cfg = backbone.pipe.scheduler.config
+    recipe = backbone.inference_recipe()
+    return {
+        "format_version": FORMAT_VERSION,
+        "cdmbench_version": cdmbench.__version__,
+        "arch": backbone.name,
+        "base_model": backbone.model_id,
+        "pipeline_class": type(backbone.pipe).__name__,
+        "weights": "full" if not is_lora else ("lora_merged" if lora_mode == "merge" else "lora"),
+        "lora_rank": backbone.options.lora_rank,
+        "lora_alpha": (backbone.options.lora_alpha or backbone.options.lora_rank) if is_lora else 0,
+        "lora_weight_name": LORA_WEIGHT_NAME if lora_mode == "lora" else None,
+        "dtype": backbone.options.dtype,
+        "scheduler": {"class": type(backbone.pipe.scheduler).__name__, "shift": cfg.get("shift"),
+                      "use_dynamic_shifting": bool(cfg.get("use_dynamic_shifting")), "mu": backbone.shift_mu},
+        "guidance_scale": 1.0,
+        "schedules": {str(n): {"nominal": list(s.nominal), "effective": list(s.effective)}
+                      for n, s in sorted(schedules.items())},
+        **recipe,
+        "usage": ("pipe, record = cdmbench.export.load_exported_pipeline(DIR); s = record['schedules'][str(n)]; "
+                  "pipe(prompt, num_inference_steps=n, sigmas=s['nominal'], guidance_scale=1.0, "
+                  "**record['call_kwargs'])"),
+        "meta": meta,
+    }
+
+
+def _lora_pairs(net):
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in net.named_modules():
+        if isinstance(module, LoraLayer):
+            for adapter in module.lora_A:
+                yield name, module.lora_A[adapter].weight, module.lora_B[adapter].weight
+
+
+def _check_lora_changes_something(net) -> None:
+    if not any((b.float() @ a.float()).abs().max() > 0 for _, a, b in _lora_pairs(net)):
+        raise CdmbenchError("the LoRA student equals the base transformer (every B·A is zero): "
+                            "wrong or untrained checkpoint?")
+
+
+def _check_full_differs(net, base) -> None:
+    ours, theirs = net.state_dict(), base.state_dict()
+    if set(ours) != set(theirs):
+        raise CdmbenchError(f"the student transformer's keys differ from the base's "
+                            f"(e.g. {sorted(set(ours) ^ set(theirs))[:3]})")
+    if all(torch.equal(ours[k], theirs[k].to(ours[k])) for k in ours):
+        raise CdmbenchError("the student weights equal the base transformer's: wrong or untrained checkpoint?")
+
+
+def _verify_saved_transformer(net, folder: Path) -> None:
+    reloaded = type(net).from_pretrained(folder, dtype=next(net.parameters()).dtype, use_safetensors=True)
+    ours, saved = net.state_dict(), reloaded.state_dict()
+    bad = sorted(set(ours) ^ set(saved)) or [k for k in ours if not torch.equal(ours[k].cpu(), saved[k].cpu())]
+    if bad:
+        raise CdmbenchError(f"the saved transformer does not reload to the student's weights (e.g. {bad[:3]})")
+
+
+def _save_lora(backbone, net, folder: Path) -> None:
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    layers = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(net).items()}
+    config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in net.peft_config["default"].to_dict().items()}
+    type(backbone.pipe).save_lora_weights(folder, transformer_lora_layers=layers, weight_name=LORA_WEIGHT_NAME,
+                                          transformer_lora_adapter_metadata=config)
+    saved = load_file(str(folder / LORA_WEIGHT_NAME))
+    prefix = f"{backbone.pipe.transformer_name}."
+    if set(saved) != {prefix + k for k in layers} or any(not torch.equal(saved[prefix + k], v)
+                                                         for k, v in layers.items()):
+        raise CdmbenchError("the saved LoRA file does not hold the student's adapter weights")
+
+
+def _verify_scheduler(backbone, folder: Path, schedules: dict[int, Schedule]) -> None:
+    """The exported scheduler, handed each nominal list, must run the recorded effective σ."""
+    sched = type(backbone.pipe.scheduler).from_pretrained(folder)
+    for n, s in schedules.items():
+        sched.set_timesteps(sigmas=list(s.nominal), mu=backbone.shift_mu)
+        ran = sched.sigmas[:-1].double().cpu()
+        if ran.shape[0] != n or (ran - torch.tensor(s.effective, dtype=torch.float64)).abs().max() > 1e-5:
+            raise CdmbenchError(f"the exported scheduler runs {ran.tolist()} for the nominal {list(s.nominal)}, "
+                                f"not the recorded effective σ {list(s.effective)}")
+
+
+def _make_readable(folder: Path) -> None:
+    """mkdtemp/mkstemp create owner-only entries; give the export the usual umask permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def _swap_into_place(tmp: Path, out_dir: Path) -> None:
+    if not out_dir.exists():
+        os.replace(tmp, out_dir)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+    os.replace(out_dir, old / out_dir.name)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old)
