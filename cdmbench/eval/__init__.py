@@ -1,0 +1,1 @@
+"""Evaluation: generation harness, metrics and result files."""

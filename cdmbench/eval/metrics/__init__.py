@@ -1,0 +1,34 @@
+"""The metric registry (style.md principles 5, 9, 10).
+
+``METRICS.get(name)`` is a ``Metric`` class; ``build_metric(name, backbone_name, options)`` builds it
+with the real or toy model. Importing this package imports each metric module to register it, and no
+metric module imports open_clip, torchmetrics, clean-fid, transformers or image-reward at import time.
+"""
+
+from __future__ import annotations
+
+from cdmbench.registry import Registry
+
+METRICS: Registry = Registry("metric")
+register = METRICS.register
+
+from cdmbench.eval.metrics.base import (  # noqa: E402
+    Applicability,
+    Metric,
+    MetricOptions,
+    MetricResult,
+    PerImageMetric,
+    bootstrap_ci,
+)
+from cdmbench.eval.metrics import attr_acc, clip_score, fid, hps, image_reward  # noqa: E402,F401  (register)
+
+
+def build_metric(name: str, backbone_name: str, options: MetricOptions | None = None) -> Metric:
+    """The registered metric ``name`` with the model for ``backbone_name`` (loads weights)."""
+    return METRICS.get(name).from_options(backbone_name, options)
+
+
+__all__ = [
+    "METRICS", "register", "build_metric", "Applicability", "Metric", "MetricOptions", "MetricResult",
+    "PerImageMetric", "bootstrap_ci",
+]

@@ -1,0 +1,285 @@
+"""The metric protocol: update/compute/reset plus declared metadata (style.md principle 9; torchmetrics).
+
+Every metric takes a batch of images ``(B, 3, H, W)`` float in [0, 1], the batch's prompts and, for the
+toy backbone, the prompts' attribute labels ``(B, 4)``. Heavy models are injected into the constructor
+(principle 10); ``from_options(backbone_name, options)`` builds the real or toy model from local paths
+and is the only place that loads weights. Nothing heavy is imported at module import.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+
+from cdmbench.errors import CdmbenchError
+
+# The backbones whose images are the procedural toy shapes (cdmbench.toy.shapes). Metrics learned on
+# natural images (Inception FID, ImageReward, HPS) do not apply to them and the toy evaluators replace
+# CLIP and FID. This is the one place in the metrics package that looks at a backbone's name.
+TOY_BACKBONES = frozenset({"toy"})
+
+Domain = Literal["toy", "natural"]
+
+
+def backbone_domain(backbone_name: str) -> Domain:
+    """"toy" for the procedural shapes backbones, "natural" for every text-to-image backbone."""
+    return "toy" if backbone_name in TOY_BACKBONES else "natural"
+
+
+# --------------------------------------------------------------------------------------------------
+# Results and applicability
+
+
+@dataclass(frozen=True)
+class MetricResult:
+    """What ``Metric.compute`` returns.
+
+    Args:
+        value: the metric (mean of ``per_image`` for per-image metrics).
+        per_image: float64 ``(n,)`` per-image scores, or None for set-level metrics such as FID.
+        n: number of images scored.
+    """
+
+    value: float
+    per_image: np.ndarray | None
+    n: int
+
+    def interval(self, seed: int = 0, n_resamples: int = 1000) -> tuple[float, float]:
+        """95 % bootstrap interval of the mean; (nan, nan) for set-level metrics."""
+        if self.per_image is None:
+            return (float("nan"), float("nan"))
+        return bootstrap_ci(self.per_image, seed=seed, n_resamples=n_resamples)
+
+
+@dataclass(frozen=True)
+class Applicability:
+    """Whether a metric applies to a backbone; ``bool(a)`` is ``a.ok``. A metric that does not apply
+    is reported with status ``"not_applicable: <reason>"``, never dropped."""
+
+    ok: bool
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    @property
+    def status(self) -> str:
+        return "ok" if self.ok else f"not_applicable: {self.reason}"
+
+
+APPLIES = Applicability(True)
+
+
+def bootstrap_ci(
+    values: np.ndarray | list[float], seed: int = 0, n_resamples: int = 1000, confidence: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (fixed seed, so reruns agree).
+
+    Args:
+        values: per-image scores, shape (n,), n >= 1.
+        seed: seed of the resampling generator (numpy PCG64).
+        n_resamples: bootstrap resamples.
+        confidence: coverage of the interval (0.95 → 2.5 % and 97.5 % percentiles).
+
+    Returns:
+        (low, high) as floats; (v, v) when n == 1.
+    """
+    x = np.asarray(values, dtype=np.float64).reshape(-1)
+    if x.size == 0:
+        raise CdmbenchError("bootstrap_ci needs at least one value")
+    if not np.isfinite(x).all():
+        raise CdmbenchError("bootstrap_ci got non-finite values")
+    if not 0.0 < confidence < 1.0:
+        raise CdmbenchError(f"confidence must be in (0, 1), got {confidence}")
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_resamples, dtype=np.float64)
+    chunk = max(1, 2_000_000 // x.size)  # bound the (chunk, n) index matrix to ~16 MB
+    for start in range(0, n_resamples, chunk):
+        stop = min(start + chunk, n_resamples)
+        idx = rng.integers(0, x.size, size=(stop - start, x.size))
+        means[start:stop] = x[idx].mean(axis=1)
+    alpha = (1.0 - confidence) / 2.0
+    low, high = np.quantile(means, [alpha, 1.0 - alpha])
+    return float(low), float(high)
+
+
+# --------------------------------------------------------------------------------------------------
+# Options: where the real scorers' weights live
+
+
+@dataclass(frozen=True)
+class MetricOptions:
+    """How ``Metric.from_options`` finds models and references. ``None`` means "the environment variable
+    named in the comment, else the documented default"; see each metric's ``from_options``."""
+
+    device: str = "cpu"  # torch device the scorer runs on
+    # FID. The reference: a folder of images or an .npz with mu/sigma; $CDMBENCH_FID_REF; toy: the shipped stats
+    fid_reference: str | None = None
+    inception_path: str | None = None  # clean-fid's inception-2015-12-05.pt (file or folder); $CDMBENCH_INCEPTION_PATH
+    # CLIP score (open_clip)
+    clip_model: str | None = None  # open_clip architecture; $CDMBENCH_CLIP_MODEL; default "ViT-L-14"
+    clip_pretrained: str | None = None  # tag or local checkpoint; $CDMBENCH_CLIP_PRETRAINED; default "openai"
+    clip_prefix: str = ""  # text put before every prompt (GigaGAN/DMD2 use "A photo depicts ")
+    # HPS v2.1
+    hps_path: str | None = None  # HPS_v2.1_compressed.pt; $CDMBENCH_HPS_PATH; else hub xswu/HPSv2 (cache)
+    hps_model: str = "ViT-H-14"  # open_clip architecture the HPS checkpoint was trained from
+    # ImageReward v1.0
+    imagereward_path: str | None = None  # ImageReward.pt; $CDMBENCH_IMAGEREWARD_PATH; else ~/.cache/ImageReward or hub
+    imagereward_med_config: str | None = None  # med_config.json; $CDMBENCH_IMAGEREWARD_MED_CONFIG; same fallbacks
+    bert_tokenizer_path: str | None = None  # bert-base-uncased folder or vocab.txt; $CDMBENCH_BERT_TOKENIZER_PATH
+
+    def __post_init__(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name.endswith(("_path", "_config", "_reference")) and v is not None and not str(v).strip():
+                raise CdmbenchError(f"MetricOptions.{f.name} is an empty string; pass a path or leave it None")
+
+    def env(self, field_name: str, env_var: str, default: str | None = None) -> str | None:
+        """The option if set, else ``$env_var`` (read now, never at import time), else ``default``."""
+        value = getattr(self, field_name)
+        return value if value is not None else (os.environ.get(env_var) or default)
+
+
+def offline() -> bool:
+    """True when the user asked for no network (the same switch the HF hub honours)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+# --------------------------------------------------------------------------------------------------
+# The protocol
+
+
+def check_batch(images: torch.Tensor, prompts: list[str], attrs: torch.Tensor | None) -> None:
+    """Validate the common ``update`` arguments (principle 15: fail loudly, never correct)."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise CdmbenchError(f"images must be a (B, 3, H, W) tensor, got {shape}")
+    if not images.is_floating_point():
+        raise CdmbenchError(f"images must be float in [0, 1], got dtype {images.dtype}")
+    if len(prompts) != images.shape[0]:
+        raise CdmbenchError(f"got {images.shape[0]} images but {len(prompts)} prompts")
+    if attrs is not None and tuple(attrs.shape) != (images.shape[0], 4):
+        raise CdmbenchError(f"attrs must be (B, 4) = ({images.shape[0]}, 4), got {tuple(attrs.shape)}")
+
+
+def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) float [0, 1] → (B, H, W, 3) uint8, rounded as a PNG writer would store them."""
+    x = images.detach().float().clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def to_pil(images: torch.Tensor) -> list:
+    """(B, 3, H, W) float [0, 1] → list of RGB PIL images (the form scorers' preprocess expects)."""
+    from PIL import Image
+
+    return [Image.fromarray(a, mode="RGB") for a in to_uint8_hwc(images)]
+
+
+class Metric(ABC):
+    """A streaming metric: ``update`` per batch, ``compute`` once, ``reset`` to reuse.
+
+    Class metadata:
+        name: registry name (set by ``METRICS.register``).
+        higher_is_better: direction, used for ↑/↓ and best-in-bold in reports.
+        per_image: True when ``compute`` returns per-image scores (and so a bootstrap interval).
+    Instance metadata:
+        protocol: everything that defines the number (extractor, weights, resize mode, reference set,
+            prompt prefix, scale); stored with every result row. ``version`` is the same string.
+    """
+
+    name: ClassVar[str]
+    higher_is_better: ClassVar[bool]
+    per_image: ClassVar[bool]
+    protocol: str
+
+    @property
+    def version(self) -> str:
+        return self.protocol
+
+    @classmethod
+    def applies_to(cls, backbone_name: str) -> Applicability:
+        """Whether this metric is meaningful for images of ``backbone_name`` (with the reason if not)."""
+        return APPLIES
+
+    @classmethod
+    @abstractmethod
+    def from_options(cls, backbone_name: str, options: MetricOptions | None = None) -> "Metric":
+        """Build the metric with the real (or toy) model for ``backbone_name``; loads weights."""
+
+    @classmethod
+    def _require_applicable(cls, backbone_name: str) -> None:
+        a = cls.applies_to(backbone_name)
+        if not a:
+            raise CdmbenchError(f"metric {cls.name!r} does not apply to backbone {backbone_name!r}: {a.reason}")
+
+    @abstractmethod
+    def update(self, images: torch.Tensor, prompts: list[str], attrs: torch.Tensor | None = None) -> None:
+        """Accumulate a batch: images (B, 3, H, W) float [0, 1], prompts (B,), attrs (B, 4) int64 or None."""
+
+    @abstractmethod
+    def compute(self) -> MetricResult: ...
+
+    @abstractmethod
+    def reset(self) -> None: ...
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """The accumulated state (tensors/arrays and the protocol), e.g. to gather from other processes."""
+
+    @abstractmethod
+    def merge_state(self, state: dict[str, Any]) -> None:
+        """Add a ``state_dict()`` of another instance with the same protocol into this one."""
+
+    def merge(self, other: "Metric") -> None:
+        """Add another instance's state (e.g. from another process) into this one."""
+        self.merge_state(other.state_dict())
+
+    def _check_state(self, state: dict[str, Any]) -> None:
+        if state.get("protocol") != self.protocol:
+            raise CdmbenchError(
+                f"cannot merge a {state.get('protocol')!r} state into {type(self).__name__}[{self.protocol}]"
+            )
+
+
+class PerImageMetric(Metric):
+    """A metric whose value is the mean of a per-image score; subclasses implement ``score_batch``."""
+
+    per_image: ClassVar[bool] = True
+
+    def __init__(self) -> None:
+        self._scores: list[np.ndarray] = []
+
+    @abstractmethod
+    def score_batch(self, images: torch.Tensor, prompts: list[str], attrs: torch.Tensor | None) -> np.ndarray:
+        """Per-image scores (B,) float64 for one validated batch."""
+
+    def update(self, images: torch.Tensor, prompts: list[str], attrs: torch.Tensor | None = None) -> None:
+        check_batch(images, prompts, attrs)
+        s = np.asarray(self.score_batch(images, list(prompts), attrs), dtype=np.float64).reshape(-1)
+        if s.shape[0] != images.shape[0]:
+            raise CdmbenchError(
+                f"{type(self).__name__}.score_batch returned {s.shape[0]} scores for {images.shape[0]} images"
+            )
+        self._scores.append(s)
+
+    def compute(self) -> MetricResult:
+        if not self._scores:
+            raise CdmbenchError(f"{type(self).__name__}.compute called before any update")
+        per_image = np.concatenate(self._scores)
+        return MetricResult(value=float(per_image.mean()), per_image=per_image, n=int(per_image.size))
+
+    def reset(self) -> None:
+        self._scores = []
+
+    def state_dict(self) -> dict[str, Any]:
+        scores = np.concatenate(self._scores) if self._scores else np.zeros(0)
+        return {"protocol": self.protocol, "scores": scores}
+
+    def merge_state(self, state: dict[str, Any]) -> None:
+        self._check_state(state)
+        self._scores.append(np.asarray(state["scores"], dtype=np.float64).reshape(-1))

@@ -1,0 +1,365 @@
+"""Fréchet Inception Distance (Heusel et al., 2017), streaming, float64, against named reference stats.
+
+One Fréchet-distance implementation (``frechet_distance``) serves every feature extractor:
+- toy backbone: the toy classifier's ``features`` with the shipped reference statistics;
+- natural images: clean-fid's Inception (``inception-2015-12-05.pt``) with the "clean" resize mode
+  (Parmar et al., 2022: PIL bicubic to 299×299 on the float image) and a named reference set (a folder
+  of images or a precomputed ``.npz`` of mu/sigma).
+Images are quantised to uint8 first, exactly as a saved PNG, so scoring tensors and scoring the saved
+files give the same number.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+import torch
+
+from cdmbench.errors import CdmbenchError, MissingWeightsError
+from cdmbench.eval.metrics import METRICS
+from cdmbench.eval.metrics.base import (
+    Metric,
+    MetricOptions,
+    MetricResult,
+    backbone_domain,
+    check_batch,
+    offline,
+    to_uint8_hwc,
+)
+
+FeatureExtractor = Callable[[torch.Tensor], torch.Tensor]  # (B, 3, H, W) float [0, 1] -> (B, F)
+
+INCEPTION_FILE = "inception-2015-12-05.pt"
+INCEPTION_ENV = "CDMBENCH_INCEPTION_PATH"
+REFERENCE_ENV = "CDMBENCH_FID_REF"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+# --------------------------------------------------------------------------------------------------
+# The distance
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """d² = ‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2 (Σ₁ Σ₂)^½), in float64.
+
+    Tr((Σ₁Σ₂)^½) is computed as Σᵢ √λᵢ of the symmetric PSD matrix Σ₁^½ Σ₂ Σ₁^½, which has the same
+    eigenvalues as Σ₁Σ₂, so only symmetric eigendecompositions are needed (no complex sqrtm).
+    Inputs may be numpy arrays or tensors; mu (F,), sigma (F, F).
+    """
+    mu1, mu2 = (np.asarray(_np(m), dtype=np.float64).reshape(-1) for m in (mu1, mu2))
+    s1, s2 = (np.atleast_2d(np.asarray(_np(s), dtype=np.float64)) for s in (sigma1, sigma2))
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
+        raise CdmbenchError(f"FID shapes disagree: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}")
+    w, v = np.linalg.eigh((s1 + s1.T) / 2.0)
+    root1 = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    m = root1 @ s2 @ root1
+    eig = np.linalg.eigvalsh((m + m.T) / 2.0)
+    tr_covmean = np.sqrt(np.clip(eig, 0.0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
+
+
+def _np(x):
+    return x.detach().cpu().double().numpy() if isinstance(x, torch.Tensor) else x
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference statistics
+
+
+@dataclass(frozen=True)
+class ReferenceStats:
+    """Gaussian statistics of a reference set. ``name`` goes into the metric's protocol string."""
+
+    mu: np.ndarray  # (F,) float64
+    sigma: np.ndarray  # (F, F) float64
+    name: str
+    n: int | None = None  # images behind the stats, when known
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_features(cls, features, name: str, meta: dict | None = None) -> "ReferenceStats":
+        f = np.asarray(_np(features), dtype=np.float64)
+        if f.ndim != 2 or f.shape[0] < 2:
+            raise CdmbenchError(f"reference features must be (N >= 2, F), got {f.shape}")
+        return cls(f.mean(axis=0), np.cov(f, rowvar=False), name, f.shape[0], dict(meta or {}))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ReferenceStats":
+        """A ``.npz`` with ``mu`` and ``sigma`` (clean-fid's format; optional ``n``)."""
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise MissingWeightsError(f"FID reference stats not found at {path}")
+        with np.load(path, allow_pickle=False) as z:
+            if "mu" not in z or "sigma" not in z:
+                raise CdmbenchError(
+                    f"{path} is not FID reference stats: it needs arrays 'mu' and 'sigma', has {list(z)}"
+                )
+            n = int(z["n"]) if "n" in z else None
+            return cls(z["mu"].astype(np.float64), z["sigma"].astype(np.float64), path.stem, n)
+
+    def save(self, path: str | Path) -> None:
+        from cdmbench.io import atomic_path
+
+        arrays = {"mu": self.mu, "sigma": self.sigma}
+        if self.n is not None:
+            arrays["n"] = np.asarray(self.n)
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+
+
+def _folder_images(folder: Path) -> list[Path]:
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if len(files) < 2:
+        raise CdmbenchError(f"FID reference folder {folder} holds {len(files)} images; it needs at least 2")
+    return files
+
+
+def folder_features(folder: str | Path, extractor: FeatureExtractor, batch_size: int = 50) -> np.ndarray:
+    """Features of every image under ``folder`` (sorted, recursive), read as RGB like clean-fid does.
+    Consecutive images of one size are batched; (N, F) float64."""
+    from PIL import Image
+
+    feats, batch = [], []
+
+    def flush():
+        if batch:
+            x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).float().div(255.0)
+            feats.append(np.asarray(_np(extractor(x)), dtype=np.float64))
+            batch.clear()
+
+    for path in _folder_images(Path(folder)):
+        with Image.open(path) as im:
+            a = np.asarray(im.convert("RGB"))
+        if batch and (a.shape != batch[0].shape or len(batch) == batch_size):
+            flush()
+        batch.append(a)
+    flush()
+    return np.concatenate(feats)
+
+
+def reference_from_folder(folder: str | Path, extractor: FeatureExtractor, batch_size: int = 50) -> ReferenceStats:
+    folder = Path(folder).expanduser()
+    return ReferenceStats.from_features(folder_features(folder, extractor, batch_size), folder.name)
+
+
+# --------------------------------------------------------------------------------------------------
+# clean-fid's Inception ("clean" mode)
+
+
+class CleanInceptionFeatures:
+    """clean-fid's feature path on in-memory images: uint8 quantisation, ``cleanfid.resize`` "clean"
+    resizer (PIL bicubic on float32 per channel, 299×299), then the torchscript Inception on [0, 255].
+
+    Args:
+        model: clean-fid's ``InceptionV3W`` (or any module taking (B, 3, 299, 299) in [0, 255]).
+        device: where ``model`` runs.
+    """
+
+    num_features = 2048
+
+    def __init__(self, model: Callable[[torch.Tensor], torch.Tensor], device: str | torch.device = "cpu"):
+        from cleanfid.resize import build_resizer
+
+        self.model = model
+        self.device = torch.device(device)
+        self.resize = build_resizer("clean")
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        resized = [self.resize(a) for a in to_uint8_hwc(images)]  # (299, 299, 3) float32 in [0, 255]
+        x = torch.from_numpy(np.stack(resized).transpose(0, 3, 1, 2).copy()).to(self.device)
+        return self.model(x).float().cpu()
+
+
+def _inception_cache_dir() -> Path:
+    # clean-fid's own download location (cleanfid.features.feature_extractor), so one copy is shared
+    import platform
+
+    return Path("./") if platform.system() == "Windows" else Path("/tmp")
+
+
+def _download_inception(dest: Path) -> None:
+    from cdmbench.io import atomic_path
+    from cleanfid.downloads_helper import inception_url
+
+    how = f"download {inception_url} and pass inception_path= or set ${INCEPTION_ENV}"
+    if offline():
+        raise MissingWeightsError(
+            f"clean-fid Inception weights {INCEPTION_FILE} are not cached (HF_HUB_OFFLINE=1): {how}"
+        )
+    try:
+        with urllib.request.urlopen(inception_url, timeout=60) as r, atomic_path(dest) as tmp:
+            tmp.write_bytes(r.read())
+    except OSError as e:
+        raise MissingWeightsError(
+            f"could not download clean-fid Inception weights {INCEPTION_FILE} ({e}); {how}"
+        ) from e
+
+
+def load_clean_inception(path: str | Path | None = None, device: str | torch.device = "cpu") -> CleanInceptionFeatures:
+    """clean-fid's torchscript Inception from ``path`` (the .pt, or a folder holding it); None → clean-fid's
+    cache (downloaded there once unless HF_HUB_OFFLINE=1)."""
+    from cleanfid.inception_torchscript import InceptionV3W
+
+    if path is None:
+        folder = _inception_cache_dir()
+        if not (folder / INCEPTION_FILE).is_file():
+            _download_inception(folder / INCEPTION_FILE)
+    else:
+        p = Path(path).expanduser()
+        folder = p if p.is_dir() else p.parent
+        if p.is_file() and p.name != INCEPTION_FILE:
+            raise CdmbenchError(f"clean-fid loads its Inception from a file named {INCEPTION_FILE}; got {p}")
+        if not (folder / INCEPTION_FILE).is_file():
+            raise MissingWeightsError(
+                f"clean-fid Inception weights {INCEPTION_FILE} not found at {p}; "
+                f"pass inception_path= (the .pt or its folder) or set ${INCEPTION_ENV}"
+            )
+    model = InceptionV3W(str(folder), download=False, resize_inside=False).to(device).eval()
+    return CleanInceptionFeatures(model, device)
+
+
+# --------------------------------------------------------------------------------------------------
+# The metric
+
+
+@METRICS.register("fid")
+class FID(Metric):
+    """Streaming FID: float64 running sums of features, outer products and count (torchmetrics-style),
+    so states merge across processes; compared with fixed reference statistics.
+
+    Args:
+        feature_extractor: (B, 3, H, W) float [0, 1] → (B, F) features; an ``nn.Module`` is put in eval mode.
+        reference: statistics of the reference set, F-dimensional.
+        protocol: extractor + preprocessing identity; the reference name is appended.
+    """
+
+    higher_is_better: ClassVar[bool] = False
+    per_image: ClassVar[bool] = False
+
+    def __init__(self, feature_extractor: FeatureExtractor, reference: ReferenceStats, protocol: str):
+        if isinstance(feature_extractor, torch.nn.Module):
+            feature_extractor.eval()
+        self.feature_extractor = feature_extractor
+        self.reference = reference
+        self.num_features = int(reference.mu.shape[0])
+        self.protocol = f"{protocol}|ref={reference.name}"
+        self.reset()
+
+    def reset(self) -> None:
+        f = self.num_features
+        self.feat_sum = torch.zeros(f, dtype=torch.float64)
+        self.feat_outer_sum = torch.zeros(f, f, dtype=torch.float64)
+        self.count = 0
+
+    @torch.no_grad()
+    def update(self, images: torch.Tensor, prompts: list[str], attrs: torch.Tensor | None = None) -> None:
+        check_batch(images, prompts, attrs)
+        self.update_features(self.feature_extractor(images))
+
+    def update_features(self, features: torch.Tensor) -> None:
+        f = torch.as_tensor(_np(features)).double().cpu()
+        if f.ndim != 2 or f.shape[1] != self.num_features:
+            raise CdmbenchError(
+                f"feature extractor returned {tuple(f.shape)}; the reference has {self.num_features} features"
+            )
+        self.feat_sum += f.sum(dim=0)
+        self.feat_outer_sum += f.T @ f
+        self.count += f.shape[0]
+
+    def stats(self) -> tuple[np.ndarray, np.ndarray]:
+        """(mu, sigma) of the images seen so far (unbiased covariance, as np.cov)."""
+        if self.count < 2:
+            raise CdmbenchError(f"FID needs at least 2 images, got {self.count}")
+        n = self.count
+        mu = self.feat_sum / n
+        sigma = (self.feat_outer_sum - n * torch.outer(mu, mu)) / (n - 1)
+        return mu.numpy(), sigma.numpy()
+
+    def compute(self) -> MetricResult:
+        mu, sigma = self.stats()
+        value = frechet_distance(mu, sigma, self.reference.mu, self.reference.sigma)
+        return MetricResult(value=value, per_image=None, n=self.count)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "protocol": self.protocol,
+            "feat_sum": self.feat_sum.clone(),
+            "feat_outer_sum": self.feat_outer_sum.clone(),
+            "count": self.count,
+        }
+
+    def merge_state(self, state: dict[str, Any]) -> None:
+        self._check_state(state)
+        self.feat_sum += torch.as_tensor(state["feat_sum"], dtype=torch.float64)
+        self.feat_outer_sum += torch.as_tensor(state["feat_outer_sum"], dtype=torch.float64)
+        self.count += int(state["count"])
+
+    @classmethod
+    def from_options(cls, backbone_name: str, options: MetricOptions | None = None) -> "FID":
+        """toy: toy-classifier features, shipped reference stats unless ``fid_reference`` is given.
+        natural: clean-fid Inception ("clean" mode) from ``inception_path`` / $CDMBENCH_INCEPTION_PATH /
+        clean-fid's cache; reference from ``fid_reference`` / $CDMBENCH_FID_REF (folder or .npz), required."""
+        options = options or MetricOptions()
+        if backbone_domain(backbone_name) == "toy":  # $CDMBENCH_FID_REF names a natural-image set: not used here
+            ref_path = options.fid_reference
+            from cdmbench.toy import evaluators
+
+            clf = evaluators.load_toy_classifier().to(options.device).eval()
+            extractor = _on_device(clf.features, options.device)
+            if ref_path is None:
+                mu, sigma, meta = evaluators.load_toy_fid_reference()
+                meta = dict(meta or {})
+                sha = meta.get("extractor_sha256")
+                if sha is not None and sha != evaluators.file_sha256(evaluators.default_classifier_path()):
+                    raise CdmbenchError(
+                        "the shipped toy FID reference was computed with another toy classifier file; "
+                        "rebuild the assets"
+                    )
+                name = f"toy-shipped:{meta.get('version', 'unversioned')}"
+                mu, sigma = np.asarray(_np(mu), np.float64), np.asarray(_np(sigma), np.float64)
+                reference = ReferenceStats(mu, sigma, name, meta.get("n"), meta)
+            else:
+                reference = _load_reference(ref_path, extractor)
+            protocol = f"fid|toy-classifier-features-{clf.num_features}|float64"
+            return cls(extractor, reference, protocol)
+        ref_path = options.env("fid_reference", REFERENCE_ENV)
+        if ref_path is None:
+            raise MissingWeightsError(
+                f"FID on backbone {backbone_name!r} needs a reference set: pass fid_reference= "
+                f"(a folder of images or an .npz with mu/sigma) or set ${REFERENCE_ENV}"
+            )
+        extractor = load_clean_inception(options.env("inception_path", INCEPTION_ENV), options.device)
+        protocol = "fid|clean-fid-inception-2015-12-05|mode=clean|uint8"
+        return cls(extractor, _load_reference(ref_path, extractor), protocol)
+
+
+def _on_device(fn: FeatureExtractor, device: str) -> FeatureExtractor:
+    return lambda images: fn(images.to(device))
+
+
+def _load_reference(path: str, extractor: FeatureExtractor) -> ReferenceStats:
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return reference_from_folder(p, extractor)
+    if p.suffix == ".npz":
+        return ReferenceStats.load(p)
+    raise MissingWeightsError(f"FID reference {p} is neither a folder of images nor an existing .npz of mu/sigma")
+
+
+def compute_reference_stats(
+    folder: str | Path, out_path: str | Path, backbone_name: str, options: MetricOptions | None = None
+) -> ReferenceStats:
+    """Precompute a folder's reference statistics once, with ``backbone_name``'s FID extractor, into an
+    .npz that ``fid_reference`` can name later (its file stem becomes the reference name)."""
+    options = dataclasses.replace(options or MetricOptions(), fid_reference=str(folder))
+    ref = FID.from_options(backbone_name, options).reference
+    ref.save(out_path)
+    return dataclasses.replace(ref, name=Path(out_path).stem)

@@ -1,0 +1,85 @@
+"""HPS v2.1 (Wu et al., 2023, "Human Preference Score v2"): an open_clip ViT-H-14 fine-tuned on human
+preferences; the score is the cosine of the normalised image and prompt features.
+
+Scale: this module reports **100 · cos** per image (what ``hpsv2.evaluate`` and the HPS v2.1 README tables
+report, ≈ 25-33); ``hpsv2.score`` returns the raw cosine (≈ 0.28). v2.0 and v2.1 are not comparable, so
+the version is part of the protocol string.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, ClassVar
+
+import torch
+
+from cdmbench.errors import MissingWeightsError
+from cdmbench.eval.metrics import METRICS
+from cdmbench.eval.metrics.base import Applicability, MetricOptions, PerImageMetric, backbone_domain, offline
+from cdmbench.eval.metrics.clip_score import load_openclip, openclip_cosine
+
+HPS_FILE = "HPS_v2.1_compressed.pt"
+HPS_REPO = "xswu/HPSv2"
+HPS_ENV = "CDMBENCH_HPS_PATH"
+_HOW = f"download {HPS_FILE} from the hub repo {HPS_REPO} and pass hps_path= or set ${HPS_ENV}"
+
+
+def resolve_hps_checkpoint(path: str | None) -> Path:
+    """The local HPS v2.1 checkpoint: ``path`` if given, else the HF cache (downloading when online)."""
+    if path is not None:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise MissingWeightsError(f"HPS v2.1 checkpoint {HPS_FILE} not found at {p}; {_HOW}")
+        return p
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(HPS_REPO, HPS_FILE, local_files_only=offline()))
+    except Exception as e:
+        raise MissingWeightsError(
+            f"HPS v2.1 checkpoint {HPS_FILE} is not available locally ({type(e).__name__}); {_HOW}"
+        ) from e
+
+
+@METRICS.register("hps")
+class HPSv21(PerImageMetric):
+    """HPS v2.1: per image 100 · cos(image, prompt) from the HPS-tuned open_clip model.
+
+    Args:
+        model, preprocess, tokenizer: the open_clip model holding the HPS weights, its batched
+            preprocess (``clip_score.PILBatchPreprocess``) and tokenizer.
+        checkpoint: name of the weights file (recorded in the protocol).
+    """
+
+    higher_is_better: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        preprocess: Callable,
+        tokenizer: Callable,
+        checkpoint: str = HPS_FILE,
+        arch: str = "ViT-H-14",
+    ):
+        super().__init__()
+        self.model, self.preprocess, self.tokenizer = model.eval(), preprocess, tokenizer
+        self.protocol = f"hps-v2.1|open_clip:{arch}|ckpt={checkpoint}|score=100*cos"
+
+    @classmethod
+    def applies_to(cls, backbone_name: str) -> Applicability:
+        if backbone_domain(backbone_name) == "toy":
+            return Applicability(False, "HPS v2.1 rates natural images; the toy backbone draws 32x32 shapes")
+        return Applicability(True)
+
+    def score_batch(self, images, prompts, attrs):
+        return 100.0 * openclip_cosine(self.model, self.preprocess, self.tokenizer, images, prompts)
+
+    @classmethod
+    def from_options(cls, backbone_name: str, options: MetricOptions | None = None) -> "HPSv21":
+        """open_clip ``hps_model`` (ViT-H-14) built without pretrained weights, then the HPS checkpoint from
+        ``hps_path`` / $CDMBENCH_HPS_PATH / the hub cache of xswu/HPSv2 (a state dict, or {'state_dict': ...})."""
+        cls._require_applicable(backbone_name)
+        options = options or MetricOptions()
+        ckpt = resolve_hps_checkpoint(options.env("hps_path", HPS_ENV))
+        model, preprocess, tokenizer = load_openclip(options.hps_model, str(ckpt), options.device, "HPS v2.1", _HOW)
+        return cls(model, preprocess, tokenizer, ckpt.name, options.hps_model)
