@@ -13,9 +13,11 @@ diffusers, transformers and peft are imported inside functions, so listing backb
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import os
+from abc import abstractmethod
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, ClassVar
@@ -63,10 +65,15 @@ def load_pipeline(pipeline_cls, arch: str, model: str, options: BackboneOptions,
            f"copy the Hugging Face cache (~/.cache/huggingface/hub, or $HF_HOME/hub) to this machine, "
            f"or pass --model /path/to/a/local/diffusers/folder")
     local = Path(model).expanduser()
-    if local.exists():
+    is_local = local.exists()
+    if is_local:
         if not (local / "model_index.json").is_file():
             raise MissingWeightsError(f"{arch}: {local} is not a diffusers pipeline folder (no model_index.json); "
                                       f"pass --model with a folder written by save_pretrained, or a hub id")
+        held = json.loads((local / "model_index.json").read_text()).get("_class_name")
+        if held != pipeline_cls.__name__:
+            raise MissingWeightsError(f"{arch}: {local} holds a {held}, not a {pipeline_cls.__name__}; "
+                                      f"pick the backbone that matches the folder")
         source = str(local)
     elif _looks_like_path(model):
         raise MissingWeightsError(f"{arch}: model folder {model} does not exist; pass --model with a local "
@@ -82,8 +89,12 @@ def load_pipeline(pipeline_cls, arch: str, model: str, options: BackboneOptions,
     try:
         return pipeline_cls.from_pretrained(source, dtype=options.torch_dtype, use_safetensors=True,
                                             trust_remote_code=options.allow_remote_code, **kwargs)
-    except (OSError, ValueError) as e:  # not (fully) cached, gated, no safetensors files, not a pipeline
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    except (OSError, ValueError) as e:  # not (fully) cached, gated, no safetensors files, not this pipeline
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        reason = reason if len(reason) <= 300 else reason[:300] + "…"
+        if is_local:  # downloading is not the fix
+            raise MissingWeightsError(f"{arch}: could not load {source} as a {pipeline_cls.__name__} "
+                                      f"with safetensors weights ({reason})") from e
         raise MissingWeightsError(f"{arch} weights {model!r} could not be loaded ({reason}); {how}") from e
 
 
@@ -143,6 +154,7 @@ class DiffusersBackbone(Backbone):
         for component in pipe.components.values():
             if isinstance(component, nn.Module):
                 component.eval().requires_grad_(False)
+        pipe.vae.enable_slicing()  # decode one image at a time: same result, bounded memory
         self.pipe = pipe
         check_scheduler_config(pipe.scheduler.config)
         self.shift = float(pipe.scheduler.config.get("shift", 1.0))
@@ -153,16 +165,18 @@ class DiffusersBackbone(Backbone):
         self._log_schedules()
 
     # -- what subclasses provide -----------------------------------------------------------------
+    @abstractmethod
     def _resolve_resolution(self, resolution: int | None) -> int:
-        raise NotImplementedError
+        """The image side in pixels (``options.resolution`` or the model's default), validated."""
 
     @property
+    @abstractmethod
     def image_seq_len(self) -> int:
         """Image tokens the transformer sees (μ of the dynamic shift depends on it)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _encode(self, prompts: list[str]) -> Cond:
-        raise NotImplementedError
+        """Encode a batch of prompts (no grad, uncached)."""
 
     def inference_recipe(self) -> dict[str, dict[str, Any]]:
         """How to call the exported pipeline so it matches this adapter: from_pretrained kwargs, pipeline
