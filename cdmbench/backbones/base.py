@@ -1,0 +1,183 @@
+"""The backbone adapter protocol: thin and uniform (style.md principle 3; k-diffusion ``external.py``).
+
+A backbone owns the frozen teacher network, the prompt encoders and the decoder. Networks (teacher,
+student, fake score) are plain ``nn.Module``s of one class; the adapter maps (x_σ, σ, cond) to that
+class's call and returns a velocity v̂ with the flow-matching convention of cdm.md §1.
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from cdmbench.errors import CdmbenchError
+from cdmbench.sampling import Schedule, make_schedule, nominal_sigmas, static_shift
+
+
+@dataclass
+class Cond:
+    """Encoded prompts. ``batched`` tensors have the batch on dim 0; ``shared`` ones (e.g. position ids)
+    are the same for every sample."""
+
+    batched: dict[str, torch.Tensor]
+    shared: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return next(iter(self.batched.values())).shape[0]
+
+    def __getitem__(self, idx) -> "Cond":
+        return Cond({k: v[idx] for k, v in self.batched.items()}, self.shared)
+
+    def cat(self, *others: "Cond") -> "Cond":
+        return Cond({k: torch.cat([self.batched[k], *(o.batched[k] for o in others)]) for k in self.batched}, self.shared)
+
+    def repeat(self, n: int) -> "Cond":
+        return Cond({k: v.repeat_interleave(n, 0) for k, v in self.batched.items()}, self.shared)
+
+    def expand_to(self, batch_size: int) -> "Cond":
+        """A batch-of-one Cond (e.g. the empty prompt) repeated to ``batch_size``."""
+        if self.batch_size != 1:
+            raise ValueError(f"expand_to needs a batch of one, got {self.batch_size}")
+        return Cond({k: v.expand(batch_size, *v.shape[1:]) for k, v in self.batched.items()}, self.shared)
+
+    def to(self, device=None, dtype=None) -> "Cond":
+        def mv(t):
+            return t.to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else None)
+
+        return Cond({k: mv(v) for k, v in self.batched.items()}, {k: mv(v) for k, v in self.shared.items()})
+
+
+@dataclass(frozen=True)
+class BackboneOptions:
+    """How to build a backbone; every backbone accepts these (unused ones must stay at their default)."""
+
+    model: str | None = None  # hub id or local folder; None = the backbone's default
+    device: str = "cpu"
+    dtype: str = "float32"  # float32 | bfloat16 | float16: weights of the frozen parts and the nets
+    allow_remote_code: bool = False  # never run code from a model repository unless asked
+    lora_rank: int = 0  # 0: full fine-tuning of trainable copies; >0: peft LoRA adapters of this rank
+    lora_alpha: float = 0.0  # 0 means alpha = rank
+    gradient_checkpointing: bool = False
+    max_sequence_length: int | None = None  # text length for backbones that have one (SD3's T5)
+    resolution: int | None = None  # square image side in pixels; None = the backbone's default
+
+    def __post_init__(self):
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise CdmbenchError(f"dtype must be one of float32, bfloat16, float16; got {self.dtype!r}")
+        if self.lora_rank < 0:
+            raise CdmbenchError(f"lora_rank must be >= 0, got {self.lora_rank}")
+        if self.resolution is not None and self.resolution <= 0:
+            raise CdmbenchError(f"resolution must be a positive number of pixels, got {self.resolution}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+
+class Backbone(ABC):
+    """A frozen teacher plus its encoders/decoder, with one calling convention for every network.
+
+    Subclasses set the class attributes and implement the abstract methods; ``register`` them in
+    ``cdmbench.backbones``.
+    """
+
+    name: ClassVar[str]
+    shift: ClassVar[float] = 1.0  # static scheduler shift applied to every nominal σ list
+    default_guidance: ClassVar[float] = 1.0  # teacher CFG scale (standard form, 1 = none)
+    default_teacher_steps: ClassVar[int] = 28
+    decodes_to_images: ClassVar[bool] = True
+    # What the decoded images are: "natural" (text-to-image photos/art: Inception FID, CLIP, ImageReward
+    # and HPS apply) or "shapes" (the toy's procedural shapes: the toy evaluators replace them).
+    image_domain: ClassVar[str] = "natural"
+
+    def __init__(self, options: BackboneOptions):
+        self.options = options
+        self.device = torch.device(options.device)
+        self._uncond: Cond | None = None
+
+    # -- the five verbs --------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def teacher(self) -> nn.Module:
+        """The frozen teacher network (eval mode, no grad)."""
+
+    @property
+    @abstractmethod
+    def latent_shape(self) -> tuple[int, ...]:
+        """Shape of one latent (no batch dim)."""
+
+    @abstractmethod
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        """Encode prompts with the frozen text encoder(s), no grad."""
+
+    @abstractmethod
+    def velocity(self, net: nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """v̂(x_σ, σ, cond) of ``net`` (teacher, student or fake score); sigma is (B,) in [0, 1]."""
+
+    @abstractmethod
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents → images, float32 in [0, 1], (B, 3, H, W)."""
+
+    # -- shared helpers ------------------------------------------------------------------------
+    def uncond(self, batch_size: int) -> Cond:
+        """The encoded empty prompt "" (not zeros), repeated to the batch."""
+        if self._uncond is None:
+            self._uncond = self.encode_prompts([""])
+        return self._uncond.expand_to(batch_size)
+
+    def shift_sigmas(self, nominal: list[float]) -> list[float]:
+        """Nominal σ → effective σ as the backbone's scheduler would run them (cdm.md §1.1)."""
+        return [float(static_shift(s, self.shift)) for s in nominal]
+
+    def schedule(self, steps: int) -> Schedule:
+        return make_schedule(nominal_sigmas(steps), self.shift_sigmas)
+
+    def trainable_copy(self) -> nn.Module:
+        """A trainable copy of the teacher (student / fake-score initialisation), fp32 master weights."""
+        net = copy.deepcopy(self.teacher).float()
+        net.train()
+        net.requires_grad_(True)
+        return net
+
+    def net_state_dict(self, net: nn.Module) -> dict[str, torch.Tensor]:
+        """What is saved for a student: its full state dict (LoRA backbones may save adapters only)."""
+        net = getattr(net, "module", net)
+        return {k: v.detach() for k, v in net.state_dict().items()}
+
+    def load_net(self, state: dict[str, torch.Tensor]) -> nn.Module:
+        """A network of the teacher's class with ``state`` loaded strictly (a mismatch is an error)."""
+        net = self.trainable_copy()
+        try:
+            net.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise CdmbenchError(f"student weights do not match the {self.name} backbone: {str(e).splitlines()[0]}") from e
+        net.eval().requires_grad_(False)
+        return net
+
+    def train_prompts(self, n: int, generator: torch.Generator) -> list[str]:
+        """Training prompts for data-free distillation (the toy draws captions from its grammar)."""
+        raise CdmbenchError(f"backbone {self.name!r} needs a training prompt file (--set prompts=PATH)")
+
+    def real_batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
+        """Real training latents with captions (only for methods that need real data, e.g. DMD2's GAN)."""
+        raise CdmbenchError(f"backbone {self.name!r} has no real training data; this method setting needs it")
+
+    def describe(self) -> dict[str, Any]:
+        """What identifies this backbone in run configs and result rows."""
+        return {"arch": self.name, "model": self.options.model, "shift": self.shift,
+                "latent_shape": list(self.latent_shape), "dtype": self.options.dtype}
+
+    # -- scale hints used by the training loop (FSDP wrap policy, LoRA targets) -------------------
+    fsdp_block_classes: ClassVar[tuple[str, ...]] = ()
+    lora_target_modules: ClassVar[tuple[str, ...]] = ()
+
+
+def options_fields() -> list[str]:
+    return [f.name for f in fields(BackboneOptions)]

@@ -1,0 +1,262 @@
+"""The command line: a thin shell over library functions (style.md principle 12).
+
+Examples:
+    cdmbench train cdm --arch toy                    # distil with the toy default budget
+    cdmbench train dmd2 --arch toy --set real_guidance=3 --steps-budget 200
+    cdmbench train cdm --arch sd3 --dry-run          # print the resolved config and exit
+    cdmbench eval --steps 1,2,4                      # every trained run + teacher rows
+    cdmbench report                                  # markdown, plots and grid into reports/
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from cdmbench.errors import CdmbenchError
+
+
+def _registry_enum(kind: str) -> type[enum.Enum]:
+    """Typer choices built from a registry, so --help always matches what is registered."""
+    if kind == "method":
+        from cdmbench.methods import METHODS as reg
+    elif kind == "backbone":
+        from cdmbench.backbones import BACKBONES as reg
+    else:
+        from cdmbench.eval.metrics import METRICS as reg
+    return enum.Enum(f"{kind.title()}Name", {n: n for n in reg.names()}, type=str)
+
+
+MethodName = _registry_enum("method")
+ArchName = _registry_enum("backbone")
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="cdmbench: train few-step distilled students, evaluate them across step counts, report.")
+toy_app = typer.Typer(no_args_is_help=True, help="Rebuild the embedded toy backbone's shipped weights.")
+app.add_typer(toy_app, name="toy")
+
+
+def friendly(fn):
+    """Turn user-facing errors into one line on stderr and exit code 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except CdmbenchError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2)
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+def _backbone_options(model, device, dtype, lora_rank, allow_remote_code):
+    from cdmbench.backbones.base import BackboneOptions
+
+    return BackboneOptions(model=model, device=device, dtype=dtype, lora_rank=lora_rank,
+                           allow_remote_code=allow_remote_code)
+
+
+@app.command()
+@friendly
+def train(
+    method: MethodName = typer.Argument(..., help="Distillation method (see `cdmbench methods`)."),
+    arch: ArchName = typer.Option("toy", "--arch", help="Backbone (see `cdmbench arches`)."),
+    set_: List[str] = typer.Option([], "--set", help="Override a setting: key=value (method field, train.<f>, backbone.<f>)."),
+    steps_budget: Optional[int] = typer.Option(None, "--steps-budget", help="Training iterations (train.steps)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Prompts per iteration per process."),
+    run_name: Optional[str] = typer.Option(None, "--run-name", help="Run folder name (default METHOD-ARCH)."),
+    workspace: Path = typer.Option(Path("workspace"), "--workspace", help="Holds runs/ and eval/."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run's latest checkpoint."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and exit."),
+    model: Optional[str] = typer.Option(None, "--model", help="Hub id or local folder of the backbone weights."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda (accelerate launch sets it per process)."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16 for frozen parts."),
+    lora_rank: int = typer.Option(0, "--lora-rank", help="0: full fine-tuning; >0: LoRA rank (peft)."),
+    allow_remote_code: bool = typer.Option(False, "--allow-remote-code", help="Allow code from model repos."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+):
+    """Distil a student with METHOD on a backbone; checkpoints land in WORKSPACE/runs/RUN."""
+    from cdmbench.config import parse_overrides
+    from cdmbench.train import resolve_config, train as run_train
+
+    overrides = parse_overrides(set_)
+    if steps_budget is not None:
+        overrides["train.steps"] = str(steps_budget)
+    if batch_size is not None:
+        overrides["train.batch_size"] = str(batch_size)
+    cfg = resolve_config(method.value, arch.value, overrides,
+                         _backbone_options(model, device, dtype, lora_rank, allow_remote_code))
+    if dry_run:
+        typer.echo(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+        return
+    run_dir = workspace / "runs" / (run_name or f"{method.value}-{arch.value}")
+    final = run_train(cfg, run_dir, resume=resume, progress=not quiet)
+    typer.echo(f"trained {method.value} on {arch.value}: {final}")
+
+
+@app.command("eval")
+@friendly
+def eval_(
+    steps: str = typer.Option("1,2,4", "--steps", help="Student step counts, e.g. 1,2,4."),
+    runs: Optional[str] = typer.Option(None, "--runs", help="Comma-separated run names (default: every trained run)."),
+    metrics: Optional[str] = typer.Option(None, "--metrics", help="Comma-separated metrics (default: all registered)."),
+    prompts: str = typer.Option("default", "--prompts", help="Prompt set name or file (txt / jsonl / csv)."),
+    num_prompts: Optional[int] = typer.Option(None, "--num-prompts", help="Use the first N prompts."),
+    seeds: str = typer.Option("0", "--seeds", help="Seeds per prompt, e.g. 0-3."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Generation batch size (does not change images)."),
+    workspace: Path = typer.Option(Path("workspace"), "--workspace"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Eval folder (default WORKSPACE/eval)."),
+    teacher: bool = typer.Option(True, "--teacher/--no-teacher", help="Add teacher reference rows."),
+    teacher_steps: Optional[str] = typer.Option(None, "--teacher-steps", help="Teacher step counts (default: --steps plus the backbone's own)."),
+    arch: Optional[ArchName] = typer.Option(None, "--arch", help="Backbone for teacher/external rows when no run names it."),
+    external: List[str] = typer.Option([], "--external", help="NAME=PATH_OR_ID of an already-distilled pipeline."),
+    device: str = typer.Option("cpu", "--device"),
+    quiet: bool = typer.Option(False, "--quiet"),
+):
+    """Generate (cached, resumable) and score every run × step count; rows go to results.csv."""
+    from cdmbench.eval.harness import EvalConfig, run_eval
+    from cdmbench.seeding import parse_int_list
+
+    step_list = parse_int_list(steps, name="steps")
+    if any(s < 1 for s in step_list):
+        raise CdmbenchError("--steps: step counts must be >= 1")
+    cfg = EvalConfig(
+        workspace=str(workspace), steps=tuple(step_list),
+        runs=tuple(r.strip() for r in runs.split(",") if r.strip()) if runs else None,
+        metrics=tuple(m.strip() for m in metrics.split(",") if m.strip()) if metrics else None,
+        prompts=prompts, num_prompts=num_prompts, seeds=tuple(parse_int_list(seeds, name="seeds")),
+        batch_size=batch_size, out=str(out) if out else None, teacher=teacher,
+        teacher_steps=tuple(parse_int_list(teacher_steps, name="teacher-steps")) if teacher_steps else None,
+        arch=arch.value if arch else None, external=tuple(external), device=device, progress=not quiet,
+    )
+    path = run_eval(cfg)
+    typer.echo(f"results: {path}")
+
+
+@app.command()
+@friendly
+def report(
+    workspace: Path = typer.Option(Path("workspace"), "--workspace"),
+    results: Optional[Path] = typer.Option(None, "--results", help="Results file (default WORKSPACE/eval/results.csv)."),
+    out: Path = typer.Option(Path("reports"), "--out", help="Report folder."),
+    title: str = typer.Option("cdmbench report", "--title"),
+):
+    """Write markdown tables, plots, an image grid and CSV pivots from the results."""
+    from cdmbench.reports import build_report
+
+    res = results or workspace / "eval" / "results.csv"
+    if not Path(res).is_file():
+        raise CdmbenchError(f"no results at {res}; run `cdmbench eval` first")
+    path = build_report(res, out, images_root=Path(res).parent, title=title)
+    typer.echo(f"report: {path}")
+
+
+@app.command()
+@friendly
+def export(
+    run: str = typer.Argument(..., help="Run name in WORKSPACE/runs (or a run folder)."),
+    out: Path = typer.Option(..., "--out", help="Output diffusers pipeline folder."),
+    workspace: Path = typer.Option(Path("workspace"), "--workspace"),
+    weights: str = typer.Option("ema", "--weights", help="ema | raw student weights."),
+    lora: str = typer.Option("merge", "--lora", help="merge | lora (keep a LoRA file) for LoRA runs."),
+):
+    """Export a trained student as a stock diffusers pipeline folder."""
+    from cdmbench.export import export_run
+
+    path = export_run(run, out, workspace=workspace, weights=weights, lora_mode=lora)
+    typer.echo(f"exported: {path}")
+
+
+@app.command()
+@friendly
+def bench(
+    arch: ArchName = typer.Option("toy", "--arch"),
+    methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated (default: every method)."),
+    steps: str = typer.Option("1,2,4", "--steps"),
+    workspace: Path = typer.Option(Path("workspace"), "--workspace"),
+    out: Path = typer.Option(Path("reports/toy"), "--out"),
+    seeds: str = typer.Option("0-1", "--seeds"),
+):
+    """Train every method at its default budget (finished runs are kept), evaluate, and report."""
+    from cdmbench.bench import run_bench
+    from cdmbench.seeding import parse_int_list
+
+    names = [m.strip() for m in methods.split(",")] if methods else None
+    path = run_bench(arch.value, names, parse_int_list(steps, name="steps"), workspace, out,
+                     seeds=parse_int_list(seeds, name="seeds"), argv=sys.argv)
+    typer.echo(f"report: {path}")
+
+
+@app.command("methods")
+@friendly
+def list_methods():
+    """List registered methods (built-in and plugged in through the cdmbench.methods entry points)."""
+    from cdmbench.methods import METHODS
+
+    for name, cls in METHODS.items():
+        origin = "plugin" if METHODS.is_plugin(name) else "built-in"
+        typer.echo(f"{name:8s} {origin:8s} {cls.paper}")
+
+
+@app.command("arches")
+@friendly
+def list_arches():
+    """List registered backbones."""
+    from cdmbench.backbones import BACKBONES
+
+    for name, cls in BACKBONES.items():
+        typer.echo(f"{name:8s} {(cls.__doc__ or '').strip().splitlines()[0]}")
+
+
+@app.command("metrics")
+@friendly
+def list_metrics():
+    """List registered metrics with direction and protocol."""
+    from cdmbench.eval.metrics import METRICS
+
+    for name, cls in METRICS.items():
+        arrow = "↑" if cls.higher_is_better else "↓"
+        typer.echo(f"{name:12s} {arrow} {(cls.__doc__ or '').strip().splitlines()[0]}")
+
+
+@toy_app.command("train-teacher")
+@friendly
+def toy_train_teacher(
+    out: Path = typer.Option(..., "--out", help="Where to write the teacher safetensors."),
+    steps: int = typer.Option(6000, "--steps"),
+    seed: int = typer.Option(0, "--seed"),
+):
+    """Reproduce the shipped toy teacher from a seed (about 20 minutes on 2 cores)."""
+    from cdmbench.toy.train_teacher import train_teacher
+
+    typer.echo(json.dumps(train_teacher(out, steps=steps, seed=seed), indent=2))
+
+
+@toy_app.command("train-evaluators")
+@friendly
+def toy_train_evaluators(
+    out_dir: Path = typer.Option(..., "--out-dir", help="Folder for the evaluator weights and reference stats."),
+    seed: int = typer.Option(0, "--seed"),
+):
+    """Reproduce the shipped toy evaluators (classifier, tiny CLIP, FID reference statistics)."""
+    from cdmbench.toy.train_evaluators import train_all
+
+    typer.echo(json.dumps(train_all(out_dir, seed=seed), indent=2, default=str))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""Typed, frozen configuration: the shared training config, ``--set key=value`` overrides and the
+resolved run config that is saved with every run (style.md principle 6; EDM ``training_options.json``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import types
+import typing
+from dataclasses import dataclass, fields
+from typing import Any
+
+from cdmbench.errors import CdmbenchError
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What every method shares: budget, batch, seeds, EMA, checkpoints, precision."""
+
+    steps: int = 400  # training iterations (one ``train_step`` call each)
+    batch_size: int = 16  # prompts per iteration per process
+    seed: int = 0  # global seed; process i uses seed + i for its own randomness
+    ema_decay: float = 0.999  # student EMA: decay_k = min((1+k)/(10+k), ema_decay), k = student updates
+    grad_clip: float = 1.0  # max global grad norm per optimiser step (0 disables)
+    checkpoint_every: int = 100  # iterations between checkpoints (the final one is always written)
+    keep_checkpoints: int = 2  # how many recent checkpoints to keep on disk
+    log_every: int = 10  # iterations between health-log rows
+    mixed_precision: str = "no"  # no | bf16 | fp16 (accelerate autocast); losses stay fp32
+    prompts: str | None = None  # training prompt file (one per line); None = the backbone's own source
+
+    def __post_init__(self):
+        _check_positive(self, ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every"))
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise CdmbenchError(f"train.mixed_precision must be one of no, bf16, fp16; got {self.mixed_precision!r}")
+        if not 0 <= self.ema_decay < 1:
+            raise CdmbenchError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+def _check_positive(obj, names):
+    for n in names:
+        if getattr(obj, n) < 1:
+            raise CdmbenchError(f"{n} must be >= 1, got {getattr(obj, n)}")
+
+
+def check_enum_fields(cfg) -> None:
+    """Validate ``Enum``-typed fields at construction (accepting their string values)."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in fields(cfg):
+        t = hints[f.name]
+        if isinstance(t, type) and issubclass(t, enum.Enum):
+            v = getattr(cfg, f.name)
+            if not isinstance(v, t):
+                try:
+                    object.__setattr__(cfg, f.name, t(v))
+                except ValueError:
+                    valid = ", ".join(m.value for m in t)
+                    raise CdmbenchError(f"{f.name} must be one of {valid}; got {v!r}") from None
+
+
+def _coerce(value: str, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value.lower() in ("none", "null"):
+            return None
+        return _coerce(value, args[0], key)
+    if origin is tuple:
+        inner = typing.get_args(tp)[0]
+        parts = [p for p in value.replace(" ", "").split(",") if p]
+        return tuple(_coerce(p, inner, key) for p in parts)
+    try:
+        if tp is bool:
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if isinstance(tp, type) and issubclass(tp, enum.Enum):
+            return tp(value)
+        if tp in (int, float, str):
+            return tp(value)
+    except ValueError:
+        if isinstance(tp, type) and issubclass(tp, enum.Enum):
+            raise CdmbenchError(f"--set {key}: must be one of {', '.join(m.value for m in tp)}; got {value!r}") from None
+        raise CdmbenchError(f"--set {key}: expected {getattr(tp, '__name__', tp)}, got {value!r}") from None
+    raise CdmbenchError(f"--set {key}: unsupported field type {tp}")
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for p in pairs or []:
+        if "=" not in p:
+            raise CdmbenchError(f"--set expects key=value, got {p!r}")
+        k, v = p.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def apply_overrides(cfg, overrides: dict[str, Any], *, prefix: str = ""):
+    """A copy of frozen dataclass ``cfg`` with string or typed overrides; unknown keys fail listing valid ones."""
+    hints = typing.get_type_hints(type(cfg))
+    names = [f.name for f in fields(cfg)]
+    changes = {}
+    for k, v in overrides.items():
+        if k not in names:
+            raise CdmbenchError(f"unknown setting {prefix}{k!r}; valid: {', '.join(prefix + n for n in names)}")
+        changes[k] = _coerce(v, hints[k], prefix + k) if isinstance(v, str) and hints[k] is not str else v
+    return dataclasses.replace(cfg, **changes)
+
+
+def to_jsonable(cfg) -> dict:
+    def conv(v):
+        if isinstance(v, enum.Enum):
+            return v.value
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        return v
+
+    return {f.name: conv(getattr(cfg, f.name)) for f in fields(cfg)}
+
+
+def from_jsonable(cls, data: dict):
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in fields(cls):
+        if f.name in data:
+            v = data[f.name]
+            if isinstance(v, list):
+                v = tuple(v)
+            kwargs[f.name] = v
+    del hints
+    return cls(**kwargs)
+
+
+def dumps(obj: dict) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True)
