@@ -43,7 +43,7 @@ class AttrAccuracy(PerImageMetric):
 
     @classmethod
     def applies_to(cls, backbone_name: str) -> Applicability:
-        if backbone_domain(backbone_name) != "toy":
+        if backbone_domain(backbone_name) != "shapes":
             return Applicability(False, "attribute labels exist only for the toy shapes prompts")
         return Applicability(True)
 

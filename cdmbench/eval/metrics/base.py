@@ -18,17 +18,15 @@ import torch
 
 from cdmbench.errors import CdmbenchError
 
-# The backbones whose images are the procedural toy shapes (cdmbench.toy.shapes). Metrics learned on
-# natural images (Inception FID, ImageReward, HPS) do not apply to them and the toy evaluators replace
-# CLIP and FID. This is the one place in the metrics package that looks at a backbone's name.
-TOY_BACKBONES = frozenset({"toy"})
-
-Domain = Literal["toy", "natural"]
+Domain = Literal["shapes", "natural"]
 
 
 def backbone_domain(backbone_name: str) -> Domain:
-    """"toy" for the procedural shapes backbones, "natural" for every text-to-image backbone."""
-    return "toy" if backbone_name in TOY_BACKBONES else "natural"
+    """The backbone's declared ``image_domain``: "shapes" for the procedural shapes (the toy evaluators replace
+    Inception FID and CLIP; ImageReward and HPS do not apply), "natural" for text-to-image backbones."""
+    from cdmbench.backbones import BACKBONES
+
+    return BACKBONES.get(backbone_name).image_domain
 
 
 # --------------------------------------------------------------------------------------------------

@@ -127,7 +127,7 @@ class CLIPScore(PerImageMetric):
         hub cache, or a local checkpoint file. A local copy of the OpenAI weights needs the architecture
         ``ViT-L-14-quickgelu`` (the tag sets QuickGELU by itself; a bare file cannot)."""
         options = options or MetricOptions()
-        if backbone_domain(backbone_name) == "toy":
+        if backbone_domain(backbone_name) == "shapes":
             from cdmbench.toy import evaluators
 
             model, preprocess, tokenizer = evaluators.load_toy_clip()

@@ -308,7 +308,7 @@ class FID(Metric):
         natural: clean-fid Inception ("clean" mode) from ``inception_path`` / $CDMBENCH_INCEPTION_PATH /
         clean-fid's cache; reference from ``fid_reference`` / $CDMBENCH_FID_REF (folder or .npz), required."""
         options = options or MetricOptions()
-        if backbone_domain(backbone_name) == "toy":  # $CDMBENCH_FID_REF names a natural-image set: not used here
+        if backbone_domain(backbone_name) == "shapes":  # $CDMBENCH_FID_REF names a natural-image set: not used here
             ref_path = options.fid_reference
             from cdmbench.toy import evaluators
 

@@ -67,7 +67,7 @@ class HPSv21(PerImageMetric):
 
     @classmethod
     def applies_to(cls, backbone_name: str) -> Applicability:
-        if backbone_domain(backbone_name) == "toy":
+        if backbone_domain(backbone_name) == "shapes":
             return Applicability(False, "HPS v2.1 rates natural images; the toy backbone draws 32x32 shapes")
         return Applicability(True)
 

@@ -78,7 +78,7 @@ class ImageRewardScore(PerImageMetric):
 
     @classmethod
     def applies_to(cls, backbone_name: str) -> Applicability:
-        if backbone_domain(backbone_name) == "toy":
+        if backbone_domain(backbone_name) == "shapes":
             return Applicability(False, "ImageReward rates natural images; the toy backbone draws 32x32 shapes")
         return Applicability(True)
 

@@ -1,0 +1,148 @@
+"""Consistency distillation for flow models, PCM-style (Phased Consistency Models, arXiv 2405.18407;
+spec: shared design/baselines.md A3).
+
+The shifted σ range is cut into ``phases`` segments by an Euler grid of ``solver_steps`` points. The
+student jumps from x_σ straight to its phase's lower edge, f_θ(x_σ) = x_σ + (σ_edge − σ)·v_θ (boundary
+condition built in); the target is the EMA (or stop-grad online) student applied after one
+teacher-CFG Euler step σ_n → σ_{n+1}; loss: pseudo-Huber. Training latents are teacher ODE samples
+(a fixed synthetic set generated once) re-noised to σ_n. The student samples with exactly ``phases``
+steps (the phase edges).
+"""
+
+from __future__ import annotations
+
+import copy
+import enum
+from dataclasses import dataclass
+
+import torch
+
+from cdmbench.config import check_enum_fields
+from cdmbench.errors import CdmbenchError
+from cdmbench.methods import METHODS
+from cdmbench.methods.base import Batch, Method, OptimSpec, StepOutput, Update, teacher_pairs
+from cdmbench.methods.losses import euler_step, pseudo_huber_loss, renoise
+from cdmbench.sampling import Schedule, make_schedule
+
+
+class Target(str, enum.Enum):
+    EMA = "ema"  # LCM: EMA copy of the student (decay ``target_decay``)
+    STOPGRAD = "stopgrad"  # PCM: the online student under no_grad
+
+
+@dataclass(frozen=True)
+class CDConfig:
+    phases: int = 4  # = the step count the student is sampled with
+    solver_steps: int = 100  # Euler grid over the shifted σ range
+    guidance: float = 4.0  # teacher CFG in the solver step (standard form; PCM "w=3" = 4)
+    target: Target = Target.EMA
+    target_decay: float = 0.95
+    huber_c: float = 1e-3
+    num_samples: int = 10000  # synthetic teacher samples (re-noised to σ_n as training latents)
+    sample_steps: int = 28
+    sample_seed: int = 4321
+    student_lr: float = 5e-6
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-4
+    warmup: int = 0
+
+    def __post_init__(self):
+        check_enum_fields(self)
+        if self.phases < 1 or self.solver_steps % self.phases:
+            raise CdmbenchError(f"solver_steps ({self.solver_steps}) must be a positive multiple of phases ({self.phases})")
+
+
+@METHODS.register("cd")
+class CD(Method):
+    Config = CDConfig
+    paper = "Phased Consistency Models (PCM), arXiv 2405.18407; LCM, arXiv 2310.04378"
+    loss_keys = ("consistency",)
+    presets = {
+        "toy": {"student_lr": 1e-4, "num_samples": 1024, "solver_steps": 40,
+                "train.steps": 400, "train.batch_size": 16, "train.checkpoint_every": 100},
+        "sd3": {"train.steps": 20000, "train.batch_size": 2, "train.mixed_precision": "bf16"},
+        "longcat": {"train.steps": 20000, "train.batch_size": 2, "train.mixed_precision": "bf16"},
+    }
+
+    def __init__(self, backbone, config: CDConfig, *, training: bool = True):
+        super().__init__(backbone, config, training=training)
+        nominal = [1.0 - k / config.solver_steps for k in range(config.solver_steps)]
+        self.grid = make_schedule(nominal, backbone.shift_sigmas).sigmas(backbone.device)  # (solver_steps + 1,)
+        self.data: dict | None = None
+        self.target_net = None
+        if training and config.target is Target.EMA:
+            self.target_net = copy.deepcopy(self.nets["student"]).eval().requires_grad_(False)
+
+    @property
+    def supported_steps(self) -> tuple[int, ...]:
+        return (self.config.phases,)
+
+    def schedule(self, steps: int) -> Schedule:
+        self.check_steps(steps)
+        seg = self.config.solver_steps // self.config.phases
+        edges = [1.0 - k * seg / self.config.solver_steps for k in range(self.config.phases)]
+        return make_schedule(edges, self.backbone.shift_sigmas)
+
+    def optim_specs(self):
+        c = self.config
+        return {"student": OptimSpec(c.student_lr, c.betas, c.weight_decay, warmup=c.warmup)}
+
+    def optimizers_for(self, step: int) -> tuple[str, ...]:
+        return ("student",)
+
+    def after_update(self, name: str) -> None:
+        if self.target_net is not None:
+            with torch.no_grad():
+                student = getattr(self.nets["student"], "module", self.nets["student"])
+                for t, p in zip(self.target_net.parameters(), student.parameters()):
+                    t.lerp_(p.detach().to(t.dtype), 1 - self.config.target_decay)
+
+    def extra_state(self):
+        out = {} if self.data is None else {"samples": self.data["samples"]}
+        if self.target_net is not None:
+            out.update({f"target.{k}": v for k, v in self.target_net.state_dict().items()})
+        return out
+
+    def load_extra_state(self, state):
+        if "samples" in state:
+            self._ensure_data(state["samples"])
+        if self.target_net is not None and any(k.startswith("target.") for k in state):
+            self.target_net.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("target.")}, strict=True)
+
+    def _ensure_data(self, samples=None):
+        if self.data is not None:
+            return
+        c = self.config
+        prompts = self.backbone.train_prompts(c.num_samples, torch.Generator().manual_seed(c.sample_seed))
+        if samples is None:
+            samples = teacher_pairs(self.backbone, c.num_samples, steps=c.sample_steps, guidance=c.guidance,
+                                    seed=c.sample_seed)["samples"]
+        self.data = {"samples": samples, "prompts": prompts}
+
+    def jump(self, net, x, s, s_edge, cond):
+        """f(x_σ) = x_σ + (σ_edge − σ)·v(x_σ, σ): the Euler jump to the phase edge."""
+        return euler_step(x, s, s_edge, self.v(net, x, s, cond))
+
+    def train_step(self, batch: Batch, step: int, update: Update) -> StepOutput:
+        c, B, dev = self.config, batch.size, self.backbone.device
+        self._ensure_data()
+        j = torch.randint(len(self.data["prompts"]), (B,))
+        x0 = self.data["samples"][j].to(dev)
+        cond = self.backbone.encode_prompts([self.data["prompts"][int(i)] for i in j])
+        seg = c.solver_steps // c.phases
+        n = torch.randint(0, c.solver_steps, (B,), device=dev)  # grid index of σ_n (> 0)
+        edge = (n // seg + 1) * seg  # grid index of the phase's lower edge
+        s_n, s_next, s_edge = self.grid[n], self.grid[n + 1], self.grid[edge]
+        x_n = renoise(x0, s_n, torch.randn_like(x0))
+        with torch.no_grad():  # one teacher Euler step with CFG
+            v_u, v_c = self.v(self.teacher, torch.cat([x_n, x_n]), torch.cat([s_n, s_n]),
+                              self.backbone.uncond(B).cat(cond)).chunk(2)
+            x_next = euler_step(x_n, s_n, s_next, v_u + c.guidance * (v_c - v_u))
+            target_net = self.target_net if self.target_net is not None else "student"
+            target = self.jump(target_net, x_next, s_next, s_edge, cond)
+            at_edge = (n + 1 == edge).reshape(-1, *[1] * (x0.dim() - 1))
+            target = torch.where(at_edge, x_next, target)
+        pred = self.jump("student", x_n, s_n, s_edge, cond)
+        loss = pseudo_huber_loss(pred, target, c.huber_c)
+        update("student", loss)
+        return StepOutput({"consistency": loss.detach()}, {"x0_mean": x0.mean().item()})

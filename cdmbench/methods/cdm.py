@@ -1,0 +1,299 @@
+"""CDM — Continuous-Time Distribution Matching (arXiv 2605.06376; spec: shared design/cdm.md).
+
+Each iteration rolls the student out on a random continuous σ schedule (backward simulation), trains
+the fake score on the student's x̂0 (with an EMA-from-student merge), and every ``update_ratio``-th
+iteration updates the student with L = L_CA + L_DM + L_CDM: CFG augmentation and distribution
+matching on the trajectory, plus off-trajectory matching on latents extrapolated along the student's
+own velocity. Every option of cdm.md §5.3 is a typed enum, so the paper's ablations are configs.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from dataclasses import dataclass
+
+import torch
+
+from cdmbench.config import check_enum_fields
+from cdmbench.errors import CdmbenchError
+from cdmbench.methods import METHODS
+from cdmbench.methods.base import Batch, Method, OptimSpec, StepOutput, Update
+from cdmbench.methods.losses import euler_step, flow_matching_loss, normalized_x0_matching_loss, renoise, to_x0
+from cdmbench.methods.schedules import SigmaMethod, random_rollout_nominal, sample_sigmas
+from cdmbench.sampling import make_schedule
+
+
+class ScheduleMode(str, enum.Enum):
+    RANDOM = "random"  # N ~ U{1..max_rollout_steps}, inner σ ~ U(low, high) sorted (cdm.md §2.1)
+    FIXED = "fixed"  # ``fixed_sigmas`` every iteration (the "fixed schedule" ablation)
+
+
+class RolloutMode(str, enum.Enum):
+    ODE = "ode"  # Euler ODE: re-noise with the model's own implied noise (shipped)
+    SDE = "sde"  # x̂0 re-noised with fresh noise
+
+
+class X0Source(str, enum.Enum):
+    X0_NEXT = "x0_next"  # X0[i+1]: the student's x̂0 at the sampled step i
+    X0_CURRENT = "x0_current"  # X0[i] (pure noise at i = 0; cdm.md §11.9)
+    X0_FINAL = "x0_final"  # X[N]: the final rollout sample
+
+
+class StudentXtMode(str, enum.Enum):
+    FRESH = "fresh"  # (1−σ')·student_x0_base + σ'·z
+    TRAJECTORY_EPS = "trajectory_eps"  # X[i] + (σ' − σ_i)·V[i]  (shipped)
+    TRAJECTORY_EPS_LAST = "trajectory_eps_last"  # same with i = N−1
+    TRAJECTORY_XT = "trajectory_xt"  # X[i] at σ_i (pure on-trajectory)
+
+
+class TeacherXtMode(str, enum.Enum):
+    SHARE_STUDENT = "share_student"  # teacher/fake at the student's (x_s', σ_s')
+    FRESH_SHARED_T = "fresh_shared_t"  # σ_t = σ_s', fresh noise on the teacher base
+    FRESH_INDEPENDENT = "fresh_independent"  # σ_t resampled, fresh noise (shipped)
+
+
+class TeacherX0Base(str, enum.Enum):
+    X0_FINAL = "x0_final"
+    X0_NEXT = "x0_next"
+    STUDENT_PRED = "student_pred"  # sg(x̂0') of the off-trajectory student forward (shipped)
+
+
+class StudentX0Base(str, enum.Enum):
+    X0_FINAL = "x0_final"
+    X0_NEXT = "x0_next"
+
+
+@dataclass(frozen=True)
+class CDMConfig:
+    """Defaults = the paper's shipped SD3 configuration (cdm.md §6)."""
+
+    guidance: float = 7.0  # CA guidance g: Δ = g·(x0_c − x0_u) (not g − 1; cdm.md §11.10)
+    ca_weight: float = 1.0  # weights of the three student terms (0 removes a term: ablations)
+    dm_weight: float = 1.0
+    cdm_weight: float = 1.0
+    norm_clip_min: float = 0.1  # clamp of the per-sample normaliser
+    sigma_min: float = 0.02  # every sampled training σ is clamped to [sigma_min, sigma_max]
+    sigma_max: float = 0.98
+    schedule: ScheduleMode = ScheduleMode.RANDOM
+    max_rollout_steps: int = 28  # N ~ U{1..max}
+    random_sigma_low: float = 0.25  # inner nominal σ ~ U(low, high), pre-shift
+    random_sigma_high: float = 0.95
+    fixed_sigmas: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)  # nominal, for schedule=fixed
+    rollout: RolloutMode = RolloutMode.ODE
+    update_ratio: int = 2  # fake-score updates per student update (student on iterations k·ratio − 1)
+    fake_x0_source: X0Source = X0Source.X0_NEXT
+    fake_sigma_method: SigmaMethod = SigmaMethod.UNIFORM
+    fake_merge: float = 0.999  # φ ← m·φ + (1−m)·θ_student after each fake step (1.0 disables)
+    ca_sigma_method: SigmaMethod = SigmaMethod.UNIFORM_CAPPED  # capped by σ_i
+    dm_sigma_method: SigmaMethod = SigmaMethod.UNIFORM
+    student_xt_mode: StudentXtMode = StudentXtMode.TRAJECTORY_EPS
+    student_sigma_method: SigmaMethod = SigmaMethod.UNIFORM
+    student_x0_base: StudentX0Base = StudentX0Base.X0_FINAL  # used by student_xt_mode=fresh only
+    teacher_xt_mode: TeacherXtMode = TeacherXtMode.FRESH_INDEPENDENT
+    teacher_sigma_method: SigmaMethod = SigmaMethod.UNIFORM
+    teacher_x0_base: TeacherX0Base = TeacherX0Base.STUDENT_PRED
+    share_ca_dm_forward: bool = True  # one student pass for CA and DM (identical inputs, same gradients)
+    student_lr: float = 1e-5
+    fake_lr: float = 5e-6
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-4
+    warmup: int = 100  # linear LR warm-up per network (lr = 0 on its first step, as shipped)
+
+    def __post_init__(self):
+        check_enum_fields(self)
+        if self.update_ratio < 1 or self.max_rollout_steps < 1:
+            raise CdmbenchError("update_ratio and max_rollout_steps must be >= 1")
+        if not 0 < self.random_sigma_low < self.random_sigma_high < 1:
+            raise CdmbenchError("need 0 < random_sigma_low < random_sigma_high < 1")
+        if self.teacher_xt_mode is TeacherXtMode.SHARE_STUDENT:
+            if self.teacher_x0_base is TeacherX0Base.STUDENT_PRED:
+                raise CdmbenchError("teacher_xt_mode=share_student forbids teacher_x0_base=student_pred")
+            if self.teacher_x0_base.value != self.student_x0_base.value:
+                raise CdmbenchError("teacher_xt_mode=share_student needs teacher_x0_base == student_x0_base")
+        if self.student_xt_mode is StudentXtMode.FRESH and self.student_sigma_method is SigmaMethod.UNIFORM_CAPPED:
+            raise CdmbenchError("student_xt_mode=fresh has no upper bound: student_sigma_method cannot be uniform_capped")
+
+
+@dataclass
+class Rollout:
+    """Backward simulation record (cdm.md §2): X (N+1,B,...), X0 (N+1,B,...) with X0[0] = X[0],
+    V (N,B,...), effective σ (N+1,) ending at 0."""
+
+    X: torch.Tensor
+    X0: torch.Tensor
+    V: torch.Tensor
+    sigmas: torch.Tensor
+
+
+@METHODS.register("cdm")
+class CDM(Method):
+    Config = CDMConfig
+    paper = "Continuous-Time Distribution Matching, arXiv 2605.06376"
+    loss_keys = ("fake_score", "ca", "dm", "cdm", "student")
+    presets = {
+        "toy": {"student_lr": 1e-4, "fake_lr": 1e-4, "warmup": 10, "guidance": 4.0, "max_rollout_steps": 8,
+                "train.steps": 400, "train.batch_size": 16, "train.checkpoint_every": 100},
+        "sd3": {"train.steps": 4001, "train.batch_size": 16, "train.mixed_precision": "bf16",
+                "train.checkpoint_every": 500},
+        "longcat": {"train.steps": 2001, "train.batch_size": 8, "train.mixed_precision": "bf16",
+                    "train.checkpoint_every": 500},
+    }
+
+    def __init__(self, backbone, config: CDMConfig, *, training: bool = True):
+        super().__init__(backbone, config, training=training)
+        if training:
+            self.nets["fake_score"] = backbone.trainable_copy()
+
+    def optim_specs(self):
+        c = self.config
+        return {"student": OptimSpec(c.student_lr, c.betas, c.weight_decay, warmup=c.warmup),
+                "fake_score": OptimSpec(c.fake_lr, c.betas, c.weight_decay, warmup=c.warmup)}
+
+    def optimizers_for(self, step: int) -> tuple[str, ...]:
+        if (step + 1) % self.config.update_ratio == 0:
+            return ("fake_score", "student")
+        return ("fake_score",)
+
+    def after_update(self, name: str) -> None:
+        m = self.config.fake_merge
+        if name == "fake_score" and m < 1.0:  # EMA-from-student merge (cdm.md §4 step 5)
+            with torch.no_grad():
+                for pf, ps in zip(_module(self.nets["fake_score"]).parameters(), _module(self.nets["student"]).parameters()):
+                    pf.lerp_(ps.detach().to(pf.dtype), 1 - m)
+
+    # ---- backward simulation ---------------------------------------------------------------------
+    def rollout_nominal(self, batch: Batch) -> list[float]:
+        c = self.config
+        if c.schedule is ScheduleMode.FIXED:
+            return list(c.fixed_sigmas)
+        # N from the rank-shared RNG; inner σ from this process's own RNG (cdm.md §2.1, §11.13)
+        return random_rollout_nominal(batch.shared_rng(), c.max_rollout_steps, c.random_sigma_low,
+                                      c.random_sigma_high, inner_rng=random)
+
+    @torch.no_grad()
+    def rollout(self, cond, nominal: list[float], batch_size: int) -> Rollout:
+        sched = make_schedule(nominal, self.backbone.shift_sigmas)
+        sig = sched.sigmas(self.backbone.device)
+        x = torch.randn(batch_size, *self.backbone.latent_shape, device=self.backbone.device)
+        X, X0, V = [x], [x], []
+        student = self.nets["student"]
+        was_training = student.training
+        student.eval()
+        for k in range(sched.steps):
+            s = sig[k].expand(batch_size)
+            v = self.v("student", x, s, cond)
+            x0 = to_x0(x, s, v)
+            if self.config.rollout is RolloutMode.SDE and sig[k + 1] > 0:
+                x = renoise(x0, sig[k + 1].expand(batch_size), torch.randn_like(x))
+            else:
+                x = euler_step(x, s, sig[k + 1].expand(batch_size), v)
+            X.append(x), X0.append(x0), V.append(v)
+        student.train(was_training)
+        return Rollout(torch.stack(X), torch.stack(X0), torch.stack(V), sig)
+
+    # ---- one iteration -----------------------------------------------------------------------------
+    def train_step(self, batch: Batch, step: int, update: Update) -> StepOutput:
+        c, cond, B = self.config, batch.cond, batch.size
+        dev = self.backbone.device
+        ro = self.rollout(cond, self.rollout_nominal(batch), B)
+        N = ro.V.shape[0]
+        ar = torch.arange(B, device=dev)
+        idx = torch.randint(0, N, (B,), device=dev)  # shared by the fake update and all student terms
+        sig_i = ro.sigmas[idx]
+        out = StepOutput(logs={"rollout_steps": N, "x0_mean": ro.X[-1].mean().item(), "x0_var": ro.X[-1].var().item()})
+
+        # fake score φ: denoising loss on the student's x̂0 (cdm.md §4)
+        x0_ft = {X0Source.X0_NEXT: ro.X0[idx + 1, ar], X0Source.X0_CURRENT: ro.X0[idx, ar],
+                 X0Source.X0_FINAL: ro.X[N]}[c.fake_x0_source]
+        s = self._sigmas(B, c.fake_sigma_method)
+        z = torch.randn_like(x0_ft)
+        l_ft = flow_matching_loss(self.v("fake_score", renoise(x0_ft, s, z), s, cond), x0_ft, z)
+        update("fake_score", l_ft)
+        out.losses["fake_score"] = l_ft.detach()
+        if "student" not in self.optimizers_for(step):
+            return out
+
+        # student: L = L_CA + L_DM + L_CDM, one backward (cdm.md §5)
+        x_i = ro.X[idx, ar]
+        total = torch.zeros((), device=dev)
+        x0_on = None
+        if c.ca_weight or c.dm_weight:
+            x0_on = to_x0(x_i, sig_i, self.v("student", x_i, sig_i, cond))
+        if c.ca_weight:
+            l_ca, n_ca = self.ca_loss(x0_on, sig_i, cond)
+            total = total + c.ca_weight * l_ca
+            out.losses["ca"], out.logs["norm_ca"] = l_ca.detach(), n_ca.mean().item()
+        if c.dm_weight:
+            x0_dm = x0_on
+            if c.ca_weight and not c.share_ca_dm_forward:  # a second, identical forward (cdm.md §11.6)
+                x0_dm = to_x0(x_i, sig_i, self.v("student", x_i, sig_i, cond))
+            l_dm, n_dm = self.dm_loss(x0_dm, sig_i, cond, c.dm_sigma_method)
+            total = total + c.dm_weight * l_dm
+            out.losses["dm"], out.logs["norm_dm"] = l_dm.detach(), n_dm.mean().item()
+        if c.cdm_weight:
+            l_cdm, n_cdm = self.cdm_loss(ro, idx, cond)
+            total = total + c.cdm_weight * l_cdm
+            out.losses["cdm"], out.logs["norm_cdm"] = l_cdm.detach(), n_cdm.mean().item()
+        update("student", total)
+        out.losses["student"] = total.detach()
+        return out
+
+    # ---- the three student terms -------------------------------------------------------------------
+    def ca_loss(self, x0_hat, sig_i, cond):
+        """L_CA (cdm.md §5.1): Δ = g·(x0_c − x0_u) at σ_t ~ U(0, σ_i), r = x0_c."""
+        B = x0_hat.shape[0]
+        s_t = self._sigmas(B, self.config.ca_sigma_method, upper_bound=sig_i)
+        x_t = renoise(x0_hat.detach(), s_t, torch.randn_like(x0_hat))
+        with torch.no_grad():
+            both = self.v(self.teacher, torch.cat([x_t, x_t]), torch.cat([s_t, s_t]),
+                          self.backbone.uncond(B).cat(cond))
+            v_u, v_c = both.chunk(2)
+            x0_c, x0_u = to_x0(x_t, s_t, v_c), to_x0(x_t, s_t, v_u)
+        return normalized_x0_matching_loss(x0_hat, self.config.guidance * (x0_c - x0_u), x0_c, self.config.norm_clip_min)
+
+    def dm_loss(self, x0_hat, sig_i, cond, method: SigmaMethod, x0_base=None, s_t=None, x_t=None):
+        """L_DM (cdm.md §5.2) / the matching step of L_CDM: Δ = x0_real − x0_fake (no CFG), r = x0_real."""
+        B = x0_hat.shape[0]
+        base = x0_hat.detach() if x0_base is None else x0_base
+        if x_t is None:
+            s_t = self._sigmas(B, method, upper_bound=sig_i) if s_t is None else s_t
+            x_t = renoise(base, s_t, torch.randn_like(base))
+        with torch.no_grad():
+            x0_real = to_x0(x_t, s_t, self.v(self.teacher, x_t, s_t, cond))
+            x0_fake = to_x0(x_t, s_t, self.v("fake_score", x_t, s_t, cond))
+        return normalized_x0_matching_loss(x0_hat, x0_real - x0_fake, x0_real, self.config.norm_clip_min)
+
+    def cdm_loss(self, ro: Rollout, idx, cond):
+        """L_CDM (cdm.md §5.3): matching on student latents off the sampled trajectory."""
+        c = self.config
+        B, N = idx.shape[0], ro.V.shape[0]
+        ar = torch.arange(B, device=idx.device)
+        i = torch.full_like(idx, N - 1) if c.student_xt_mode is StudentXtMode.TRAJECTORY_EPS_LAST else idx
+        sig_i = ro.sigmas[i]
+        if c.student_xt_mode is StudentXtMode.TRAJECTORY_XT:
+            s_s, x_s = sig_i, ro.X[i, ar]
+        else:
+            s_s = self._sigmas(B, c.student_sigma_method, upper_bound=sig_i)
+            if c.student_xt_mode is StudentXtMode.FRESH:
+                base = ro.X[N] if c.student_x0_base is StudentX0Base.X0_FINAL else ro.X0[i + 1, ar]
+                x_s = renoise(base, s_s, torch.randn_like(base))
+            else:  # extrapolate along the student's own rollout velocity
+                x_s = euler_step(ro.X[i, ar], sig_i, s_s, ro.V[i, ar])
+        x0_hat = to_x0(x_s, s_s, self.v("student", x_s, s_s, cond))
+        base = {TeacherX0Base.X0_FINAL: ro.X[N], TeacherX0Base.X0_NEXT: ro.X0[i + 1, ar],
+                TeacherX0Base.STUDENT_PRED: x0_hat.detach()}[c.teacher_x0_base]
+        if c.teacher_xt_mode is TeacherXtMode.SHARE_STUDENT:
+            return self.dm_loss(x0_hat, sig_i, cond, c.teacher_sigma_method, s_t=s_s, x_t=x_s.detach())
+        s_t = s_s if c.teacher_xt_mode is TeacherXtMode.FRESH_SHARED_T else None
+        return self.dm_loss(x0_hat, sig_i, cond, c.teacher_sigma_method, x0_base=base, s_t=s_t)
+
+    def _sigmas(self, n, method, upper_bound=None):
+        c = self.config
+        ub = None if upper_bound is None else upper_bound.detach().float().cpu()
+        return sample_sigmas(n, method, sigma_min=c.sigma_min, sigma_max=c.sigma_max, upper_bound=ub,
+                             device=self.backbone.device)
+
+
+def _module(net):
+    return getattr(net, "module", net)

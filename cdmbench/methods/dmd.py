@@ -1,0 +1,160 @@
+"""Vanilla DMD (Yin et al., CVPR 2024, arXiv 2311.18828; spec: shared design/baselines.md A1).
+
+A one-step generator G(z) = x̂0 of the student at σ = 1, trained with the distribution-matching
+gradient (real score with CFG, fake score without) plus a regression loss towards a fixed set of
+teacher ODE (noise, sample) pairs generated once by the method and cached with its state;
+generator and fake score update 1:1. Regression distance: LPIPS on decoded images for image
+backbones; the toy uses MSE on decoded images (no pretrained LPIPS network offline, and using the
+toy evaluators' features would leak the metric into training).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+from cdmbench.config import check_enum_fields
+from cdmbench.errors import CdmbenchError, MissingWeightsError
+from cdmbench.methods import METHODS
+from cdmbench.methods.base import Batch, Method, OptimSpec, StepOutput, Update, teacher_pairs
+from cdmbench.methods.losses import dmd_loss, flow_matching_loss, mse_distance, renoise, to_x0
+from cdmbench.methods.schedules import SigmaMethod, sample_sigmas
+
+
+class Distance(str, enum.Enum):
+    MSE = "mse"
+    LPIPS = "lpips"  # torchmetrics LPIPS (VGG) on decoded images resized to ``lpips_resolution``
+
+
+@dataclass(frozen=True)
+class DMDConfig:
+    real_guidance: float = 3.0  # CFG of the real score (standard form)
+    regression_weight: float = 0.25  # λ_reg
+    regression_distance: Distance = Distance.LPIPS
+    lpips_resolution: int = 256  # decoded images are resized to this before LPIPS
+    num_pairs: int = 10000  # size of the fixed teacher pair set
+    pair_steps: int = 28  # teacher Euler steps for the pairs
+    pair_guidance: float = 4.5  # teacher CFG for the pairs
+    pair_seed: int = 1234
+    sigma_min: float = 0.02
+    sigma_max: float = 0.98
+    student_lr: float = 1e-5
+    fake_lr: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.01
+    warmup: int = 0
+
+    def __post_init__(self):
+        check_enum_fields(self)
+        if self.num_pairs < 1:
+            raise CdmbenchError(f"num_pairs must be >= 1, got {self.num_pairs}")
+
+
+@METHODS.register("dmd")
+class DMD(Method):
+    Config = DMDConfig
+    paper = "One-step Diffusion with Distribution Matching Distillation, arXiv 2311.18828"
+    loss_keys = ("fake_score", "dm", "regression", "student")
+    supported_steps = (1,)
+    presets = {
+        "toy": {"student_lr": 1e-4, "fake_lr": 1e-4, "real_guidance": 4.0, "pair_guidance": 4.0,
+                "regression_distance": "mse", "num_pairs": 512,
+                "train.steps": 400, "train.batch_size": 16, "train.checkpoint_every": 100},
+        "sd3": {"pair_guidance": 7.0, "train.steps": 4000, "train.batch_size": 16, "train.mixed_precision": "bf16"},
+        "longcat": {"train.steps": 2000, "train.batch_size": 8, "train.mixed_precision": "bf16"},
+    }
+
+    def __init__(self, backbone, config: DMDConfig, *, training: bool = True):
+        super().__init__(backbone, config, training=training)
+        self.pairs: dict | None = None
+        self._lpips = None
+        if training:
+            self.nets["fake_score"] = backbone.trainable_copy()
+            if config.regression_distance is Distance.LPIPS:
+                self._lpips = _load_lpips(backbone.device)
+
+    def optim_specs(self):
+        c = self.config
+        return {"student": OptimSpec(c.student_lr, c.betas, c.weight_decay, warmup=c.warmup),
+                "fake_score": OptimSpec(c.fake_lr, c.betas, c.weight_decay, warmup=c.warmup)}
+
+    def optimizers_for(self, step: int) -> tuple[str, ...]:
+        return ("student", "fake_score")
+
+    # the pair set is generated once, then travels with the checkpoints
+    def extra_state(self):
+        return {} if self.pairs is None else {"pair_noise": self.pairs["noise"], "pair_samples": self.pairs["samples"]}
+
+    def load_extra_state(self, state):
+        if "pair_noise" in state:
+            self._ensure_pairs(state)
+
+    def _ensure_pairs(self, state=None):
+        if self.pairs is not None:
+            return
+        c = self.config
+        g = torch.Generator().manual_seed(c.pair_seed)
+        prompts = self.backbone.train_prompts(c.num_pairs, g)
+        if state:
+            self.pairs = {"noise": state["pair_noise"], "samples": state["pair_samples"], "prompts": prompts}
+        else:
+            self.pairs = teacher_pairs(self.backbone, c.num_pairs, steps=c.pair_steps, guidance=c.pair_guidance,
+                                       seed=c.pair_seed)
+
+    def generate(self, noise, cond):
+        s = torch.ones(noise.shape[0], device=noise.device)
+        return to_x0(noise, s, self.v("student", noise, s, cond))
+
+    def train_step(self, batch: Batch, step: int, update: Update) -> StepOutput:
+        c, cond, B, dev = self.config, batch.cond, batch.size, self.backbone.device
+        self._ensure_pairs()
+        out = StepOutput()
+        x = self.generate(torch.randn(B, *self.backbone.latent_shape, device=dev), cond)
+        s_t = sample_sigmas(B, SigmaMethod.UNIFORM, sigma_min=c.sigma_min, sigma_max=c.sigma_max, device=dev)
+        x_t = renoise(x.detach(), s_t, torch.randn_like(x))
+        with torch.no_grad():
+            v_u, v_c = self.v(self.teacher, torch.cat([x_t, x_t]), torch.cat([s_t, s_t]),
+                              self.backbone.uncond(B).cat(cond)).chunk(2)
+            x0_real = to_x0(x_t, s_t, v_u + c.real_guidance * (v_c - v_u))
+            x0_fake = to_x0(x_t, s_t, self.v("fake_score", x_t, s_t, cond))
+        l_dm, n = dmd_loss(x, x0_real, x0_fake)
+        # regression on a separate batch of the fixed teacher pairs
+        j = torch.randint(len(self.pairs["prompts"]), (B,))
+        pz, py = self.pairs["noise"][j].to(dev), self.pairs["samples"][j].to(dev)
+        pcond = self.backbone.encode_prompts([self.pairs["prompts"][int(i)] for i in j])
+        l_reg = self.regression(self.generate(pz, pcond), py)
+        total = l_dm + c.regression_weight * l_reg
+        update("student", total)
+        x = x.detach()
+        s = sample_sigmas(B, SigmaMethod.UNIFORM, sigma_min=c.sigma_min, sigma_max=c.sigma_max, device=dev)
+        z = torch.randn_like(x)
+        l_fake = flow_matching_loss(self.v("fake_score", renoise(x, s, z), s, cond), x, z)
+        update("fake_score", l_fake)
+        out.losses.update(dm=l_dm.detach(), regression=l_reg.detach(), student=total.detach(), fake_score=l_fake.detach())
+        out.logs.update(norm_dm=n.mean().item(), x0_mean=x.mean().item(), x0_var=x.var().item())
+        return out
+
+    def regression(self, pred_latents, target_latents) -> torch.Tensor:
+        a, b = self.backbone.decode(pred_latents), self.backbone.decode(target_latents).detach()
+        if self.config.regression_distance is Distance.MSE:
+            return mse_distance(a, b)
+        r = self.config.lpips_resolution
+        a = torch.nn.functional.interpolate(a, size=(r, r), mode="bilinear", antialias=True)
+        b = torch.nn.functional.interpolate(b, size=(r, r), mode="bilinear", antialias=True)
+        return self._lpips(a * 2 - 1, b * 2 - 1)
+
+
+def _load_lpips(device):
+    """torchmetrics LPIPS(VGG); its backbone weights come from torchvision's cache (no download offline)."""
+    try:
+        from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+        return LearnedPerceptualImagePatchSimilarity(net_type="vgg", normalize=False).to(device).eval()
+    except Exception as e:  # offline and not cached: URLError / OSError from torchvision
+        raise MissingWeightsError(
+            "LPIPS (VGG16) weights are not available offline: put torchvision's vgg16 weights in "
+            "$TORCH_HOME/hub/checkpoints on a connected machine, or use --set regression_distance=mse "
+            f"({type(e).__name__})"
+        ) from e

@@ -1,0 +1,167 @@
+"""DMD2 (Yin et al., NeurIPS 2024; spec: shared design/baselines.md A2).
+
+No regression loss; two-time-scale updates (the fake score steps every iteration, the generator every
+``update_ratio``-th); a multi-step generator on a fixed 4-step σ grid trained with backward simulation
+(k no-grad steps from fresh noise, x̂0 → re-noise with *fresh* noise); the DM gradient uses the
+CFG'd real score and the CFG-free fake score; stochastic (re-noising) inference. The optional GAN head
+(``gan_weight > 0``) classifies fake-score mid-block features of real vs generated latents.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cdmbench.config import check_enum_fields
+from cdmbench.errors import CdmbenchError
+from cdmbench.methods import METHODS
+from cdmbench.methods.base import Batch, Method, OptimSpec, StepOutput, Update
+from cdmbench.methods.losses import (dmd_loss, flow_matching_loss, gan_discriminator_loss, gan_generator_loss,
+                                     renoise, to_x0)
+from cdmbench.methods.schedules import SigmaMethod, sample_sigmas
+from cdmbench.sampling import make_schedule
+
+
+@dataclass(frozen=True)
+class DMD2Config:
+    real_guidance: float = 8.0  # CFG of the real score (standard form; SDXL 8, SD1.5 1.75)
+    fixed_sigmas: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)  # generator grid (nominal; 999/749/499/249)
+    update_ratio: int = 5  # fake-score updates per generator update (SDXL 5, SD1.5 10)
+    sigma_min: float = 0.02  # DM re-noise σ ~ U[min, max]
+    sigma_max: float = 0.98
+    fake_sigma_method: SigmaMethod = SigmaMethod.UNIFORM
+    gan_weight: float = 0.0  # generator GAN weight (0 = no GAN head; SDXL 5e-3)
+    gan_disc_weight: float = 1e-2  # discriminator loss weight inside the fake-score update
+    student_lr: float = 5e-7
+    fake_lr: float = 5e-7
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.01
+    warmup: int = 0
+
+    def __post_init__(self):
+        check_enum_fields(self)
+        if self.update_ratio < 1:
+            raise CdmbenchError(f"update_ratio must be >= 1, got {self.update_ratio}")
+        if self.gan_weight < 0:
+            raise CdmbenchError(f"gan_weight must be >= 0, got {self.gan_weight}")
+
+
+class FakeScoreWithHead(nn.Module):
+    """The fake score plus a small classifier on the mean-pooled output of its middle block."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+        blocks = getattr(net, "transformer_blocks", None)
+        if blocks is None:
+            raise CdmbenchError("gan_weight > 0 needs a transformer with `transformer_blocks`")
+        width = net.config.num_attention_heads * net.config.attention_head_dim
+        self.head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 1))
+        self._feat = None
+        blocks[len(blocks) // 2].register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        self._feat = output[-1] if isinstance(output, tuple) else output
+
+    def forward(self, *args, **kwargs):
+        return self.net(*args, **kwargs)
+
+    @property
+    def config(self):
+        return self.net.config
+
+    def logits(self) -> torch.Tensor:
+        return self.head(self._feat.float().mean(1)).squeeze(-1)
+
+
+@METHODS.register("dmd2")
+class DMD2(Method):
+    Config = DMD2Config
+    paper = "Improved Distribution Matching Distillation (DMD2), arXiv 2405.14867"
+    loss_keys = ("fake_score", "gan_d", "dm", "gan_g", "student")
+    stochastic_sampling = True
+    presets = {
+        "toy": {"student_lr": 1e-4, "fake_lr": 1e-4, "real_guidance": 4.0, "update_ratio": 2,
+                "train.steps": 400, "train.batch_size": 16, "train.checkpoint_every": 100},
+        "sd3": {"train.steps": 4000, "train.batch_size": 16, "train.mixed_precision": "bf16"},
+        "longcat": {"train.steps": 2000, "train.batch_size": 8, "train.mixed_precision": "bf16"},
+    }
+
+    def __init__(self, backbone, config: DMD2Config, *, training: bool = True):
+        super().__init__(backbone, config, training=training)
+        if training:
+            fake = backbone.trainable_copy()
+            self.nets["fake_score"] = FakeScoreWithHead(fake) if config.gan_weight > 0 else fake
+
+    def optim_specs(self):
+        c = self.config
+        return {"student": OptimSpec(c.student_lr, c.betas, c.weight_decay, warmup=c.warmup),
+                "fake_score": OptimSpec(c.fake_lr, c.betas, c.weight_decay, warmup=c.warmup)}
+
+    def optimizers_for(self, step: int) -> tuple[str, ...]:
+        return ("student", "fake_score") if step % self.config.update_ratio == 0 else ("fake_score",)
+
+    def generate(self, batch: Batch, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backward simulation: k ~ U{0..N−1} (shared across processes) no-grad steps with fresh
+        re-noising, then the generator's x̂0 at grid point k. Returns (x̂0, σ_k)."""
+        B, dev = batch.size, self.backbone.device
+        sig = make_schedule(self.config.fixed_sigmas, self.backbone.shift_sigmas).sigmas(dev)
+        k = batch.shared_rng().randrange(len(self.config.fixed_sigmas))
+        x = torch.randn(B, *self.backbone.latent_shape, device=dev)
+        with torch.no_grad():
+            for j in range(k):
+                x0 = to_x0(x, sig[j].expand(B), self.v("student", x, sig[j].expand(B), batch.cond))
+                x = renoise(x0, sig[j + 1].expand(B), torch.randn_like(x))
+        s = sig[k].expand(B)
+        with torch.set_grad_enabled(with_grad):
+            return to_x0(x, s, self.v("student", x, s, batch.cond)), s
+
+    def train_step(self, batch: Batch, step: int, update: Update) -> StepOutput:
+        c, cond, B = self.config, batch.cond, batch.size
+        out = StepOutput()
+        gen_turn = "student" in self.optimizers_for(step)
+        x, _ = self.generate(batch, with_grad=gen_turn)
+        out.logs.update(x0_mean=x.mean().item(), x0_var=x.var().item())
+        if gen_turn:
+            s_t = sample_sigmas(B, SigmaMethod.UNIFORM, sigma_min=c.sigma_min, sigma_max=c.sigma_max, device=x.device)
+            x_t = renoise(x.detach(), s_t, torch.randn_like(x))
+            with torch.no_grad():
+                v_u, v_c = self.v(self.teacher, torch.cat([x_t, x_t]), torch.cat([s_t, s_t]),
+                                  self.backbone.uncond(B).cat(cond)).chunk(2)
+                x0_real = to_x0(x_t, s_t, v_u + c.real_guidance * (v_c - v_u))
+                x0_fake = to_x0(x_t, s_t, self.v("fake_score", x_t, s_t, cond))
+            l_dm, n = dmd_loss(x, x0_real, x0_fake)
+            total = l_dm
+            out.losses["dm"], out.logs["norm_dm"] = l_dm.detach(), n.mean().item()
+            if c.gan_weight > 0:
+                l_g = gan_generator_loss(self._disc_logits(x, cond))
+                total = total + c.gan_weight * l_g
+                out.losses["gan_g"] = l_g.detach()
+            update("student", total)
+            out.losses["student"] = total.detach()
+        # fake score: denoising loss on detached generator samples, σ over the whole range
+        x = x.detach()
+        s = sample_sigmas(B, c.fake_sigma_method, sigma_min=c.sigma_min, sigma_max=c.sigma_max, device=x.device)
+        z = torch.randn_like(x)
+        l_fake = flow_matching_loss(self.v("fake_score", renoise(x, s, z), s, cond), x, z)
+        total = l_fake
+        if c.gan_weight > 0:
+            real, real_prompts = self.backbone.real_batch(B, torch.Generator().manual_seed(batch.shared_seed))
+            l_d = gan_discriminator_loss(self._disc_logits(real, self.backbone.encode_prompts(real_prompts)),
+                                         self._disc_logits(x, cond))
+            total = total + c.gan_disc_weight * l_d
+            out.losses["gan_d"] = l_d.detach()
+        update("fake_score", total)
+        out.losses["fake_score"] = l_fake.detach()
+        return out
+
+    def _disc_logits(self, x0: torch.Tensor, cond) -> torch.Tensor:
+        """Discriminator logits of clean latents re-noised at σ ~ U(0, 1) ("diffusion GAN")."""
+        B = x0.shape[0]
+        s = sample_sigmas(B, SigmaMethod.UNIFORM, sigma_min=self.config.sigma_min, sigma_max=self.config.sigma_max,
+                          device=x0.device)
+        fake = self.nets["fake_score"]
+        self.v(fake, renoise(x0, s, torch.randn_like(x0)), s, cond)
+        return getattr(fake, "module", fake).logits()
