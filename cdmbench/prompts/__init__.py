@@ -152,7 +152,8 @@ def _caption_column(columns: list[str], path: Path) -> int:
         if name in lower:
             return lower.index(name)
     raise CdmbenchError(
-        f"prompt file {path}: no prompt column; found {', '.join(map(repr, columns))}, expected one of {', '.join(CAPTION_COLUMNS)}"
+        f"prompt file {path}: no prompt column; found {', '.join(map(repr, columns))}, "
+        f"expected one of {', '.join(CAPTION_COLUMNS)}"
     )
 
 
