@@ -242,3 +242,41 @@ def _swap_into_place(tmp: Path, out_dir: Path) -> None:
     os.replace(out_dir, old / out_dir.name)
     os.replace(tmp, out_dir)
     shutil.rmtree(old)
+
+
+def export_run(run: str | os.PathLike, out_dir: str | os.PathLike, *, workspace: str | os.PathLike = "workspace",
+               weights: str = "ema", lora_mode: LoraMode = "merge", steps: tuple[int, ...] = (1, 2, 4)) -> Path:
+    """Export a trained run (its latest checkpoint) with :func:`export_student`.
+
+    Args:
+        run: a run name under ``workspace/runs`` or a run folder.
+        weights: "ema" (the student EMA, default) or "raw" (the optimised student weights).
+        steps: step counts whose σ lists are recorded; those the method cannot sample are left out.
+    """
+    from cdmbench.backbones import build_backbone
+    from cdmbench.checkpoint import latest_checkpoint, load_checkpoint
+    from cdmbench.io import read_json
+    from cdmbench.methods import METHODS
+    from cdmbench.train import RunConfig
+
+    if weights not in ("ema", "raw"):
+        raise CdmbenchError(f"--weights must be 'ema' or 'raw', got {weights!r}")
+    run_dir = Path(run) if Path(run).is_dir() else Path(workspace) / "runs" / str(run)
+    if not (run_dir / "config.json").is_file():
+        raise CdmbenchError(f"no run {run!r}: {run_dir}/config.json not found")
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise CdmbenchError(f"run {run_dir} has no checkpoint yet")
+    cfg = RunConfig.from_dict(read_json(run_dir / "config.json"))
+    backbone = build_backbone(cfg.arch, cfg.backbone)
+    method = METHODS.get(cfg.method)(backbone, cfg.method_config, training=False)
+    nets, _, _, meta = load_checkpoint(ckpt)
+    state = nets["student_ema" if weights == "ema" else "student"]
+    supported = method.supported_steps
+    schedules = {n: method.schedule(n) for n in steps if supported is None or n in supported}
+    if not schedules:
+        raise CdmbenchError(f"{cfg.method} samples only with {supported} steps; pass steps accordingly")
+    info = {"run": str(run_dir), "method": cfg.method, "checkpoint": ckpt.name, "step": meta["step"],
+            "weights": weights, "stochastic_sampling": bool(method.stochastic_sampling),
+            "method_config": cfg.to_dict()["method_config"]}
+    return export_student(backbone, state, out_dir, schedules, info, lora_mode)

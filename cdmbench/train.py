@@ -199,17 +199,17 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
             raise CdmbenchError(f"--resume: the config differs from the one saved in {run_dir}/config.json")
     elif (run_dir / "config.json").exists():
         raise CdmbenchError(f"run folder {run_dir} already exists; pass --resume to continue it or choose another --run-name")
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "config.json", cfg.to_dict())
-
     seed = tc.seed + accelerator.process_index
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed % (2**32))
     options = dataclasses.replace(cfg.backbone, device=str(accelerator.device))
-    backbone = build_backbone(cfg.arch, options)
+    backbone = build_backbone(cfg.arch, options)  # fails (missing weights, bad options) before any file is written
+    prompts = PromptSource(backbone, tc.prompts, tc.seed, accelerator.process_index, accelerator.num_processes)
     method = METHODS.get(cfg.method)(backbone, cfg.method_config)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "config.json", cfg.to_dict())
     specs = method.optim_specs()
     optimizers, schedulers = {}, {}
     for name, spec in specs.items():
@@ -221,6 +221,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
         schedulers[name] = sched
     ema = copy.deepcopy(accelerator.unwrap_model(method.nets["student"])).eval().requires_grad_(False)
     counts = {name: 0 for name in specs}
+    prev_minutes = 0.0
 
     if ckpt is not None:
         nets, state, extra, meta = load_checkpoint(ckpt)
@@ -233,11 +234,11 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
         counts = dict(state["counts"])
         _set_rng_state(state["rng"][accelerator.process_index] if isinstance(state["rng"], list) else state["rng"])
         start = int(meta["step"])
+        prev_minutes = float(meta.get("minutes", 0.0))
 
-    prompts = PromptSource(backbone, tc.prompts, tc.seed, accelerator.process_index, accelerator.num_processes)
     log = HealthLog(run_dir, main, start)
     last_good = str(ckpt) if ckpt else "none yet"
-    t_start = time.time()
+    t_start = time.time() - 60 * prev_minutes  # training minutes accumulate across resumes
 
     def save(step: int) -> Path:
         nonlocal last_good

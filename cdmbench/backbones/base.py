@@ -163,7 +163,7 @@ class Backbone(ABC):
 
     def train_prompts(self, n: int, generator: torch.Generator) -> list[str]:
         """Training prompts for data-free distillation (the toy draws captions from its grammar)."""
-        raise CdmbenchError(f"backbone {self.name!r} needs a training prompt file (--set prompts=PATH)")
+        raise CdmbenchError(f"backbone {self.name!r} needs a training prompt file: --set train.prompts=PATH (one prompt per line)")
 
     def real_batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
         """Real training latents with captions (only for methods that need real data, e.g. DMD2's GAN)."""

@@ -60,8 +60,8 @@ class CD(Method):
     presets = {
         "toy": {"student_lr": 1e-4, "num_samples": 1024, "solver_steps": 40,
                 "train.steps": 400, "train.batch_size": 16, "train.checkpoint_every": 100},
-        "sd3": {"train.steps": 20000, "train.batch_size": 2, "train.mixed_precision": "bf16"},
-        "longcat": {"train.steps": 20000, "train.batch_size": 2, "train.mixed_precision": "bf16"},
+        "sd3": {"train.steps": 20000, "train.batch_size": 2, "train.mixed_precision": "bf16", "backbone.gradient_checkpointing": "true"},
+        "longcat": {"train.steps": 20000, "train.batch_size": 2, "train.mixed_precision": "bf16", "backbone.gradient_checkpointing": "true"},
     }
 
     def __init__(self, backbone, config: CDConfig, *, training: bool = True):

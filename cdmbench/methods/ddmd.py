@@ -54,8 +54,8 @@ class DDMD(CDM):
     presets = {
         "toy": {"student_lr": 1e-4, "fake_lr": 1e-4, "warmup": 10, "guidance": 4.0,
                 "train.steps": 400, "train.batch_size": 16, "train.checkpoint_every": 100},
-        "sd3": {"train.steps": 4001, "train.batch_size": 16, "train.mixed_precision": "bf16"},
-        "longcat": {"train.steps": 2001, "train.batch_size": 8, "train.mixed_precision": "bf16"},
+        "sd3": {"train.steps": 4001, "train.batch_size": 16, "train.mixed_precision": "bf16", "backbone.gradient_checkpointing": "true"},
+        "longcat": {"train.steps": 2001, "train.batch_size": 8, "train.mixed_precision": "bf16", "backbone.gradient_checkpointing": "true"},
     }
 
     def optim_specs(self):

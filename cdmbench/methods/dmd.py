@@ -62,8 +62,8 @@ class DMD(Method):
         "toy": {"student_lr": 1e-4, "fake_lr": 1e-4, "real_guidance": 4.0, "pair_guidance": 4.0,
                 "regression_distance": "mse", "num_pairs": 512,
                 "train.steps": 400, "train.batch_size": 16, "train.checkpoint_every": 100},
-        "sd3": {"pair_guidance": 7.0, "train.steps": 4000, "train.batch_size": 16, "train.mixed_precision": "bf16"},
-        "longcat": {"train.steps": 2000, "train.batch_size": 8, "train.mixed_precision": "bf16"},
+        "sd3": {"pair_guidance": 7.0, "train.steps": 4000, "train.batch_size": 16, "train.mixed_precision": "bf16", "backbone.gradient_checkpointing": "true"},
+        "longcat": {"train.steps": 2000, "train.batch_size": 8, "train.mixed_precision": "bf16", "backbone.gradient_checkpointing": "true"},
     }
 
     def __init__(self, backbone, config: DMDConfig, *, training: bool = True):

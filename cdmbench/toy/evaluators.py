@@ -11,7 +11,7 @@ They stand in for the real-world scorers on the toy backbone, through the same c
   runs the same ``encode_image``/``encode_text`` code as a real open_clip model.
 
 All images are float32 in [0, 1], shape (B, 3, 32, 32). Weights ship in ``cdmbench/assets/``; rebuild
-them from a seed with ``python -m cdmbench.toy.train_evaluators --out-dir cdmbench/assets``
+them from a seed with ``cdmbench toy train-evaluators --out-dir cdmbench/assets``
 (see ``cdmbench/toy/EVALUATORS.md``).
 """
 
@@ -36,7 +36,7 @@ CLIP_ASSET = "toy_clip.safetensors"
 FID_REF_ASSET = "toy_fid_ref.safetensors"
 CLIP_MODEL_NAME = "toy-clip"  # open_clip model name, registered from assets/open_clip/toy-clip.json
 TOY_FID_VERSION = "toy-fid-v1"  # bump when the feature protocol (extractor, preprocessing) changes
-REBUILD_COMMAND = "python -m cdmbench.toy.train_evaluators --out-dir cdmbench/assets"
+REBUILD_COMMAND = "cdmbench toy train-evaluators --out-dir cdmbench/assets"
 METADATA_KEY = "cdmbench"  # safetensors metadata key holding the JSON training/protocol record
 
 
