@@ -4,7 +4,9 @@ x_σ = (1−σ)·x0 + σ·ε, target v = ε − x0 (cdm.md §1), σ ~ logit-norm
 caption dropout to the empty prompt so classifier-free guidance works. The text encoder is trained
 jointly and frozen afterwards. The EMA weights are shipped (``cdmbench/assets/toy_teacher.safetensors``).
 
-Reproduce: ``cdmbench toy train-teacher --out cdmbench/assets/toy_teacher.safetensors``.
+Reproduce the shipped teacher (two stages; the second continues from the first):
+``cdmbench toy train-teacher --out stage1.safetensors --steps 6000 --seed 0`` then
+``cdmbench toy train-teacher --out cdmbench/assets/toy_teacher.safetensors --init stage1.safetensors --steps 3500 --lr 3e-4 --seed 1``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ def train_teacher(
     ema_decay: float = 0.999,
     seed: int = 0,
     arch: ToyArch = ToyArch(),
+    init: str | Path | None = None,  # continue from a teacher file (its EMA weights) instead of scratch
     progress: bool = True,
 ) -> dict:
     """Train and save the toy teacher; returns the training record written into the file metadata."""
@@ -37,6 +40,13 @@ def train_teacher(
     tok = build_tokenizer()
     text = build_text_encoder(arch).train()
     net = build_transformer(arch).train()
+    init_record = None
+    if init is not None:
+        from cdmbench.backbones.toy import load_toy_weights
+
+        _, text, net, init_record = load_toy_weights(Path(init))
+        text.train(), net.train()
+        arch = ToyArch(**init_record["arch"])
     params = list(text.parameters()) + list(net.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
     warm = 200
@@ -84,6 +94,7 @@ def train_teacher(
         "arch": arch_dict(arch), "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
         "caption_dropout": caption_dropout, "ema_decay": ema_decay, "train_minutes": round(minutes, 2),
         "final_loss": round(sum(losses[-200:]) / len(losses[-200:]), 5), "torch": torch.__version__,
+        "init": init_record,  # the training record of the file this run continued from (None: scratch)
     }
     tensors = {f"text_encoder.{k}": v for k, v in ema_text.state_dict().items()}
     tensors.update({f"transformer.{k}": v for k, v in ema_net.state_dict().items()})
