@@ -104,6 +104,12 @@ class PromptSource:
             if len(self.lines) < num_processes:
                 raise CdmbenchError(f"train.prompts: {path!r} has {len(self.lines)} prompts; need at least one per process")
 
+    def sample(self, n: int, generator: torch.Generator) -> list[str]:
+        """``n`` prompts drawn with ``generator`` from the whole source (same on every process)."""
+        if self.lines is None:
+            return self.backbone.train_prompts(n, generator)
+        return [self.lines[int(i)] for i in torch.randint(len(self.lines), (n,), generator=generator)]
+
     def __call__(self, step: int, n: int) -> list[str]:
         g = torch.Generator().manual_seed(_mix(self.seed, step, self.rank))
         if self.lines is None:
@@ -207,6 +213,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
     backbone = build_backbone(cfg.arch, options)  # fails (missing weights, bad options) before any file is written
     prompts = PromptSource(backbone, tc.prompts, tc.seed, accelerator.process_index, accelerator.num_processes)
     method = METHODS.get(cfg.method)(backbone, cfg.method_config)
+    method.prompt_source = prompts.sample  # extra prompts a method draws (e.g. cached teacher pairs)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "config.json", cfg.to_dict())
@@ -262,6 +269,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
                    TimeRemainingColumn(), TextColumn("{task.fields[info]}"), disable=not (progress and main))
     task = bar.add_task(f"train {cfg.method} on {cfg.arch}", total=tc.steps, completed=start, info="")
     final = None
+    running: dict[str, list] = {}
     with bar:
         for step in range(start, tc.steps):
             if stop_after is not None and step - start >= stop_after:
@@ -314,10 +322,14 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
             missing = [k for k in out.losses if k not in method.loss_keys]
             if missing:
                 raise RuntimeError(f"{cfg.method}: undeclared loss keys {missing}")
+            for k, v in [*((f"loss/{k}", v) for k, v in out.losses.items()),
+                         *((f"health/{k}", v) for k, v in out.logs.items()), *grad_norms.items()]:
+                acc = running.setdefault(k, [0.0, 0])  # means since the last log row: players that step
+                acc[0] += float(v)                     # on different iterations all show up
+                acc[1] += 1
             if step % tc.log_every == 0 or step == tc.steps - 1:
-                values = {f"loss/{k}": float(v) for k, v in out.losses.items()}
-                values.update({f"health/{k}": float(v) for k, v in out.logs.items()})
-                values.update(grad_norms)
+                values = {k: total / n for k, (total, n) in running.items()}
+                running.clear()
                 values.update({f"lr/{n}": s.get_last_lr()[0] for n, s in schedulers.items()})
                 values["time/minutes"] = (time.time() - t_start) / 60
                 log.write(step, values)

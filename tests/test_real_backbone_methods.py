@@ -55,9 +55,9 @@ def test_every_method_trains_and_evaluates_on_a_tiny_pipeline(arch, request, tmp
         assert sorted(rows.steps) == [1, 2], name
         for _, r in rows.iterrows():
             if r.status == "ok":
-                assert 0 <= r.value <= 100 and r.n == len(PROMPTS) and r.protocol.startswith("open_clip:")
+                assert 0 <= r.value <= 100 and r.n == len(PROMPTS) and "open_clip:" in r.protocol
             else:
-                assert r.status.startswith("skipped:") and name == "dmd" and r.steps == 2
+                assert r.status.startswith("skipped:") and (name, r.steps) in {("dmd", 2), ("cd", 1)}
     assert (df[df.method == "teacher"].status == "ok").all()
 
 

@@ -52,7 +52,7 @@ def test_run_folder_holds_the_resolved_config(tmp_path):
     train(cfg, tmp_path / "r", progress=False)
     saved = json.loads((tmp_path / "r" / "config.json").read_text())
     assert saved["method"] == "dmd2" and saved["arch"] == "toy"
-    assert saved["method_config"]["real_guidance"] == 4.0  # the toy preset
+    assert saved["method_config"]["real_guidance"] == 2.0  # the toy preset
     assert saved["train"]["steps"] == 1
     with pytest.raises(CdmbenchError, match="already exists"):
         train(cfg, tmp_path / "r", progress=False)

@@ -68,7 +68,8 @@ class EvalConfig:
         teacher: add teacher reference rows.
         teacher_steps: teacher step counts; None = ``steps`` plus the backbone's ``default_teacher_steps``.
         arch: backbone of teacher rows when no evaluated run names one.
-        external: NAME=PATH_OR_ID pipelines (not supported by this harness yet).
+        external: NAME=PATH_OR_ID[@GUIDANCE] already-distilled pipelines of ``arch`` (hub id or local folder),
+            sampled like the teacher at ``steps`` with their own CFG (default 1.0: no guidance).
         device: torch device for generation and scoring.
         progress: show progress bars and notes.
     """
@@ -183,6 +184,7 @@ class TeacherSource:
     steps: tuple[int, ...]
     options: BackboneOptions
     method: str = TEACHER
+    guidance: float | None = None  # None: the backbone's default teacher CFG
 
     def sampler(self, backbone, hashes: "FileHashes") -> "TeacherSampler":
         return TeacherSampler(self, backbone)
@@ -235,14 +237,15 @@ class TeacherSampler:
 
     def __init__(self, source: TeacherSource, backbone):
         self.source, self.backbone = source, backbone
-        self.guidance = float(backbone.default_guidance)
+        g = source.guidance
+        self.guidance = float(backbone.default_guidance if g is None else g)
         desc = backbone.describe()
         self.hash = _net_fingerprint(backbone.teacher, desc)
-        self.label = f"teacher {desc.get('model') or 'default'} fingerprint:{self.hash[:12]}"
+        self.label = f"{source.method} {desc.get('model') or 'default'} fingerprint:{self.hash[:12]}"
 
     def plan(self, steps: int) -> Plan:
         schedule = self.backbone.schedule(steps)
-        return Plan(self.source.name, TEACHER, self.backbone.name, steps, self.hash, self.label,
+        return Plan(self.source.name, self.source.method, self.backbone.name, steps, self.hash, self.label,
                     schedule.nominal, schedule.effective, self.guidance,
                     steps * (2 if self.guidance != 1.0 else 1))
 
@@ -314,9 +317,6 @@ class _Eval:
         from cdmbench.backbones import BACKBONES
         from cdmbench.checkpoint import latest_checkpoint
 
-        if cfg.external:
-            raise CdmbenchError("external: evaluating already-distilled pipelines (--external) is not supported "
-                                "by this harness yet; drop --external")
         self.cfg, self.out = cfg, cfg.out_dir
         self._console = None
         available = trained_runs(cfg.workspace)
@@ -360,7 +360,23 @@ class _Eval:
                     if name in available:
                         raise CdmbenchError(f"runs: a run folder is named {name!r}, the name of the teacher rows; rename it")
                     teachers.append(TeacherSource(name, arch, steps, opts))
-        self.sources: list = [*teachers, *runs]
+        externals: list[TeacherSource] = []
+        for e in cfg.external:
+            name, _, target = e.partition("=")
+            target, _, g = target.rpartition("@") if "@" in target else (target, "", "")
+            arch = cfg.arch or (runs[0].arch if len({r.arch for r in runs}) == 1 and runs else None)
+            if arch is None:
+                raise CdmbenchError(f"external: --arch is needed to load {name.strip()!r} (which backbone class it is)")
+            try:
+                guidance = float(g) if g else 1.0
+            except ValueError:
+                raise CdmbenchError(f"external: guidance after '@' must be a number, got {g!r}") from None
+            if name.strip() in available or name.strip().startswith(TEACHER):
+                raise CdmbenchError(f"external: name {name.strip()!r} clashes with a run or the teacher rows")
+            externals.append(TeacherSource(name.strip(), arch, cfg.steps,
+                                           BackboneOptions(model=target.strip(), device=cfg.device),
+                                           method="external", guidance=guidance))
+        self.sources: list = [*teachers, *externals, *runs]
         if not self.sources:
             raise CdmbenchError(
                 f"nothing to evaluate: no trained runs in {Path(cfg.workspace) / 'runs'}; train one with "

@@ -107,6 +107,12 @@ class Method(ABC):
     def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
         pass
 
+    prompt_source: Callable[[int, torch.Generator], list[str]] | None = None  # set by the training loop
+
+    def draw_prompts(self, n: int, generator: torch.Generator) -> list[str]:
+        """Training prompts beyond the batch (the run's prompt file, else the backbone's own source)."""
+        return (self.prompt_source or self.backbone.train_prompts)(n, generator)
+
     # -- sampling -------------------------------------------------------------------------------
     def schedule(self, steps: int) -> Schedule:
         """The student's σ grid for ``steps`` (nominal 1 − k/steps, shifted by the backbone)."""
@@ -143,7 +149,7 @@ class Method(ABC):
 
 
 @torch.no_grad()
-def teacher_pairs(backbone: Backbone, n: int, *, steps: int, guidance: float, seed: int,
+def teacher_pairs(backbone: Backbone, prompts: list[str], *, steps: int, guidance: float, seed: int,
                   batch_size: int = 64) -> dict[str, torch.Tensor | list[str]]:
     """A fixed set of teacher ODE (noise, sample) pairs with their prompts and encodings.
 
@@ -152,8 +158,7 @@ def teacher_pairs(backbone: Backbone, n: int, *, steps: int, guidance: float, se
     """
     from cdmbench.seeding import StackedGenerator
 
-    g = torch.Generator().manual_seed(seed)
-    prompts = backbone.train_prompts(n, g)
+    n = len(prompts)
     sched = backbone.schedule(steps)
     noise, samples = [], []
     for lo in range(0, n, batch_size):

@@ -113,9 +113,9 @@ class CD(Method):
         if self.data is not None:
             return
         c = self.config
-        prompts = self.backbone.train_prompts(c.num_samples, torch.Generator().manual_seed(c.sample_seed))
+        prompts = self.draw_prompts(c.num_samples, torch.Generator().manual_seed(c.sample_seed))
         if samples is None:
-            samples = teacher_pairs(self.backbone, c.num_samples, steps=c.sample_steps, guidance=c.guidance,
+            samples = teacher_pairs(self.backbone, prompts, steps=c.sample_steps, guidance=c.guidance,
                                     seed=c.sample_seed)["samples"]
         self.data = {"samples": samples, "prompts": prompts}
 

@@ -59,7 +59,7 @@ class DMD(Method):
     loss_keys = ("fake_score", "dm", "regression", "student")
     supported_steps = (1,)
     presets = {
-        "toy": {"student_lr": 1e-4, "fake_lr": 1e-4, "real_guidance": 4.0, "pair_guidance": 4.0,
+        "toy": {"student_lr": 3e-5, "fake_lr": 1e-4, "real_guidance": 2.0, "pair_guidance": 4.0,
                 "regression_distance": "mse", "num_pairs": 512,
                 "train.steps": 400, "train.batch_size": 16, "train.checkpoint_every": 100},
         "sd3": {"pair_guidance": 7.0, "train.steps": 4000, "train.batch_size": 16, "train.mixed_precision": "bf16", "backbone.gradient_checkpointing": "true"},
@@ -96,11 +96,11 @@ class DMD(Method):
             return
         c = self.config
         g = torch.Generator().manual_seed(c.pair_seed)
-        prompts = self.backbone.train_prompts(c.num_pairs, g)
+        prompts = self.draw_prompts(c.num_pairs, g)
         if state:
             self.pairs = {"noise": state["pair_noise"], "samples": state["pair_samples"], "prompts": prompts}
         else:
-            self.pairs = teacher_pairs(self.backbone, c.num_pairs, steps=c.pair_steps, guidance=c.pair_guidance,
+            self.pairs = teacher_pairs(self.backbone, prompts, steps=c.pair_steps, guidance=c.pair_guidance,
                                        seed=c.pair_seed)
 
     def generate(self, noise, cond):

@@ -83,7 +83,7 @@ class DMD2(Method):
     loss_keys = ("fake_score", "gan_d", "dm", "gan_g", "student")
     stochastic_sampling = True
     presets = {
-        "toy": {"student_lr": 1e-4, "fake_lr": 1e-4, "real_guidance": 4.0, "update_ratio": 2,
+        "toy": {"student_lr": 3e-5, "fake_lr": 1e-4, "real_guidance": 2.0, "update_ratio": 2,
                 "train.steps": 400, "train.batch_size": 16, "train.checkpoint_every": 100},
         "sd3": {"train.steps": 4000, "train.batch_size": 16, "train.mixed_precision": "bf16", "backbone.gradient_checkpointing": "true"},
         "longcat": {"train.steps": 2000, "train.batch_size": 8, "train.mixed_precision": "bf16", "backbone.gradient_checkpointing": "true"},
