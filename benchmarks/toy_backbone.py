@@ -53,7 +53,7 @@ def main() -> None:
         t = time.perf_counter()
         sample_euler(den, noise, toy.schedule(steps).sigmas())
         dt = time.perf_counter() - t
-        rows.append((f"sampling {steps} steps, CFG {guidance:g} (NFE {den.nfe // args.batch if False else den.nfe})",
+        rows.append((f"sampling {steps} steps, CFG {guidance:g} (NFE {den.nfe})",
                      f"{args.batch / dt:.0f} images/s", f"{dt * 1000:.0f} ms / batch"))
     rows.append(("`cdmbench --help` (subprocess)", f"{help_s:.2f} s", ""))
     print(f"torch {torch.__version__}, {args.threads} threads\n")

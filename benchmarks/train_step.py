@@ -98,7 +98,7 @@ def main() -> None:
         per = {k: v / n for k, v in per.items()}
         rows.append((name, iter_s * 1000, net_s * 1000, per, iter_s / net_s))
     print(f"toy backbone, batch {args.batch}, {args.iters} iterations, {args.threads} threads\n")
-    print("| method | iteration ms | network passes ms | student / teacher / fake forwards per it | backwards per it | overhead ratio |")
+    print("| method | iteration ms | network passes ms | student / teacher (+CD's EMA target) / fake forwards per it | backwards per it | overhead ratio |")
     print("|---|---|---|---|---|---|")
     for name, it, net, per, ratio in rows:
         passes = f"{per.get('student', 0):.1f} / {per.get('teacher', 0) + per.get('other', 0):.1f} / {per.get('fake_score', 0):.1f}"

@@ -221,7 +221,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
     optimizers, schedulers = {}, {}
     for name, spec in specs.items():
         params = [p for p in method.nets[name].parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay, eps=spec.eps)
+        opt = torch.optim.AdamW(params, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay, eps=spec.eps,
+                                foreach=True)
         warm = spec.warmup
         sched = torch.optim.lr_scheduler.LambdaLR(opt, (lambda k, w=warm: min(1.0, k / w)) if warm else (lambda k: 1.0))
         method.nets[name], optimizers[name] = accelerator.prepare(method.nets[name], opt)
@@ -311,8 +312,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
                     decay = min((1 + k) / (10 + k), tc.ema_decay)
                     with torch.no_grad():
                         student = accelerator.unwrap_model(method.nets["student"])
-                        for e, p in zip(ema.parameters(), student.parameters()):
-                            e.lerp_(p.detach().to(e.dtype), 1 - decay)
+                        torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in student.parameters()], 1 - decay)
                 method.after_update(name)
 
             with accelerator.autocast():

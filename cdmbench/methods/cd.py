@@ -94,8 +94,8 @@ class CD(Method):
         if self.target_net is not None:
             with torch.no_grad():
                 student = getattr(self.nets["student"], "module", self.nets["student"])
-                for t, p in zip(self.target_net.parameters(), student.parameters()):
-                    t.lerp_(p.detach().to(t.dtype), 1 - self.config.target_decay)
+                torch._foreach_lerp_(list(self.target_net.parameters()), [p.detach() for p in student.parameters()],
+                                     1 - self.config.target_decay)
 
     def extra_state(self):
         out = {} if self.data is None else {"samples": self.data["samples"]}

@@ -159,8 +159,8 @@ class CDM(Method):
         m = self.config.fake_merge
         if name == "fake_score" and m < 1.0:  # EMA-from-student merge (cdm.md §4 step 5)
             with torch.no_grad():
-                for pf, ps in zip(_module(self.nets["fake_score"]).parameters(), _module(self.nets["student"]).parameters()):
-                    pf.lerp_(ps.detach().to(pf.dtype), 1 - m)
+                torch._foreach_lerp_(list(_module(self.nets["fake_score"]).parameters()),
+                                     [p.detach() for p in _module(self.nets["student"]).parameters()], 1 - m)
 
     # ---- backward simulation ---------------------------------------------------------------------
     def rollout_nominal(self, batch: Batch) -> list[float]:
