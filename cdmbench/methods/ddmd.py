@@ -72,6 +72,7 @@ class DDMD(CDM):
         N, ar = ro.V.shape[0], torch.arange(B, device=self.backbone.device)
         idx = torch.randint(0, N, (B,), device=self.backbone.device)
         out = StepOutput(logs={"x0_mean": ro.X[-1].mean().item(), "x0_var": ro.X[-1].var().item()})
+        # Copied from cdmbench.methods.cdm.CDM.train_step (the fake-score update)
         x0_ft = {X0Source.X0_NEXT: ro.X0[idx + 1, ar], X0Source.X0_CURRENT: ro.X0[idx, ar],
                  X0Source.X0_FINAL: ro.X[N]}[c.fake_x0_source]
         s = self._sigmas(B, c.fake_sigma_method)

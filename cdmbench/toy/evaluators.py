@@ -213,26 +213,13 @@ def _single_thread() -> Iterator[None]:
         torch.set_num_threads(n)
 
 
-def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor) -> float:
-    """Fréchet distance between Gaussians N(mu1, sigma1), N(mu2, sigma2) (Heusel et al. 2017), in float64.
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """The project's one Fréchet distance (``cdmbench.eval.metrics.fid.frechet_distance``, float64), run on
+    one thread: on a shared 2-core machine threaded LAPACK calls on 128×128 matrices can stall."""
+    from cdmbench.eval.metrics.fid import frechet_distance as fd
 
-    ``‖mu1 − mu2‖² + tr(sigma1) + tr(sigma2) − 2·tr((sigma1·sigma2)^½)``. The trace of the matrix square
-    root is computed as ``Σ √λ`` over the eigenvalues of the symmetric PSD matrix
-    ``sigma1^½·sigma2·sigma1^½`` (same eigenvalues as sigma1·sigma2), which stays real and stable for the
-    rank-deficient covariances of ReLU features.
-    """
-    mu1, mu2, s1, s2 = (torch.as_tensor(t, dtype=torch.float64) for t in (mu1, mu2, sigma1, sigma2))
-    if mu1.shape != mu2.shape or mu1.ndim != 1:
-        raise CdmbenchError(f"mu2: expected shape {tuple(mu1.shape)} like mu1 (1-D), got {tuple(mu2.shape)}")
-    for name, s in (("sigma1", s1), ("sigma2", s2)):
-        if s.shape != (mu1.shape[0], mu1.shape[0]):
-            raise CdmbenchError(f"{name}: expected shape {(mu1.shape[0], mu1.shape[0])}, got {tuple(s.shape)}")
     with _single_thread():
-        w, v = torch.linalg.eigh((s1 + s1.T) / 2)
-        root1 = (v * w.clamp(min=0).sqrt()) @ v.T
-        m = root1 @ s2 @ root1
-        tr_covmean = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
-    return float((mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * tr_covmean)
+        return fd(mu1, sigma1, mu2, sigma2)
 
 
 def default_fid_reference_path() -> Path:
