@@ -216,7 +216,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
     method.prompt_source = prompts.sample  # extra prompts a method draws (e.g. cached teacher pairs)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "config.json", cfg.to_dict())
+        write_json(run_dir / "config.json", {**cfg.to_dict(), "world_size": accelerator.num_processes})
     specs = method.optim_specs()
     optimizers, schedulers = {}, {}
     for name, spec in specs.items():
