@@ -125,3 +125,15 @@ def test_every_cdm_option_runs(mode, toy):
     prompts = toy.train_prompts(2, torch.Generator().manual_seed(0))
     out = method.train_step(Batch(prompts, toy.encode_prompts(prompts), 3), 0, lambda n, loss: loss.backward())
     assert torch.isfinite(out.losses["cdm"]) and torch.isfinite(out.losses["student"])
+
+
+def test_dmd2_gan_head_trains_discriminator_and_generator(toy):
+    base = resolve_config("dmd2", "toy", tiny_overrides("dmd2")).method_config
+    method = METHODS.get("dmd2")(toy, dataclasses.replace(base, gan_weight=5e-3))
+    prompts = toy.train_prompts(2, torch.Generator().manual_seed(0))
+    batch = Batch(prompts, toy.encode_prompts(prompts), shared_seed=2)
+    head = method.nets["fake_score"].head
+    out = method.train_step(batch, 0, lambda n, loss: loss.backward())
+    assert {"gan_g", "gan_d", "dm", "fake_score"} <= set(out.losses)
+    assert all(torch.isfinite(v) for v in out.losses.values())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
