@@ -190,6 +190,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
 
     from cdmbench.backbones import build_backbone
     from cdmbench.methods import METHODS
+    from cdmbench.methods.base import Batch
 
     run_dir = Path(run_dir)
     tc = cfg.train
@@ -277,8 +278,6 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
                 log.close()
                 return Path(last_good)
             batch_prompts = prompts(step, tc.batch_size)
-            from cdmbench.methods.base import Batch
-
             batch = Batch(batch_prompts, backbone.encode_prompts(batch_prompts), shared_seed=_mix(tc.seed, step))
             expected = set(method.optimizers_for(step))
             stepped: list[str] = []

@@ -203,14 +203,7 @@ class CDM(Method):
         sig_i = ro.sigmas[idx]
         out = StepOutput(logs={"rollout_steps": N, "x0_mean": ro.X[-1].mean().item(), "x0_var": ro.X[-1].var().item()})
 
-        # fake score φ: denoising loss on the student's x̂0 (cdm.md §4)
-        x0_ft = {X0Source.X0_NEXT: ro.X0[idx + 1, ar], X0Source.X0_CURRENT: ro.X0[idx, ar],
-                 X0Source.X0_FINAL: ro.X[N]}[c.fake_x0_source]
-        s = self._sigmas(B, c.fake_sigma_method)
-        z = torch.randn_like(x0_ft)
-        l_ft = flow_matching_loss(self.v("fake_score", renoise(x0_ft, s, z), s, cond), x0_ft, z)
-        update("fake_score", l_ft)
-        out.losses["fake_score"] = l_ft.detach()
+        out.losses["fake_score"] = self.fake_score_step(ro, idx, cond, update)
         if "student" not in self.optimizers_for(step):
             return out
 
@@ -238,6 +231,18 @@ class CDM(Method):
         update("student", total)
         out.losses["student"] = total.detach()
         return out
+
+    def fake_score_step(self, ro: Rollout, idx, cond, update: Update) -> torch.Tensor:
+        """Fake score φ: denoising loss on the student's x̂0 at the sampled steps, one update (cdm.md §4)."""
+        c, B, N = self.config, idx.shape[0], ro.V.shape[0]
+        ar = torch.arange(B, device=idx.device)
+        x0_ft = {X0Source.X0_NEXT: ro.X0[idx + 1, ar], X0Source.X0_CURRENT: ro.X0[idx, ar],
+                 X0Source.X0_FINAL: ro.X[N]}[c.fake_x0_source]
+        s = self._sigmas(B, c.fake_sigma_method)
+        z = torch.randn_like(x0_ft)
+        loss = flow_matching_loss(self.v("fake_score", renoise(x0_ft, s, z), s, cond), x0_ft, z)
+        update("fake_score", loss)
+        return loss.detach()
 
     # ---- the three student terms -------------------------------------------------------------------
     def ca_loss(self, x0_hat, sig_i, cond):

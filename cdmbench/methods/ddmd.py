@@ -16,7 +16,7 @@ from cdmbench.config import check_enum_fields
 from cdmbench.methods import METHODS
 from cdmbench.methods.base import Batch, OptimSpec, StepOutput, Update
 from cdmbench.methods.cdm import CDM, RolloutMode, X0Source
-from cdmbench.methods.losses import flow_matching_loss, renoise, to_x0
+from cdmbench.methods.losses import to_x0
 from cdmbench.methods.schedules import SigmaMethod
 
 
@@ -72,14 +72,7 @@ class DDMD(CDM):
         N, ar = ro.V.shape[0], torch.arange(B, device=self.backbone.device)
         idx = torch.randint(0, N, (B,), device=self.backbone.device)
         out = StepOutput(logs={"x0_mean": ro.X[-1].mean().item(), "x0_var": ro.X[-1].var().item()})
-        # Copied from cdmbench.methods.cdm.CDM.train_step (the fake-score update)
-        x0_ft = {X0Source.X0_NEXT: ro.X0[idx + 1, ar], X0Source.X0_CURRENT: ro.X0[idx, ar],
-                 X0Source.X0_FINAL: ro.X[N]}[c.fake_x0_source]
-        s = self._sigmas(B, c.fake_sigma_method)
-        z = torch.randn_like(x0_ft)
-        l_ft = flow_matching_loss(self.v("fake_score", renoise(x0_ft, s, z), s, cond), x0_ft, z)
-        update("fake_score", l_ft)
-        out.losses["fake_score"] = l_ft.detach()
+        out.losses["fake_score"] = self.fake_score_step(ro, idx, cond, update)
         if "student" not in self.optimizers_for(step):
             return out
         sig_i, x_i = ro.sigmas[idx], ro.X[idx, ar]

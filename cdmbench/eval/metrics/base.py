@@ -11,12 +11,13 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 
-from cdmbench.errors import CdmbenchError
+from cdmbench.errors import CdmbenchError, MissingWeightsError
 
 Domain = Literal["shapes", "natural"]
 
@@ -146,6 +147,26 @@ class MetricOptions:
 def offline() -> bool:
     """True when the user asked for no network (the same switch the HF hub honours)."""
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def resolve_weights(explicit: str | None, repo: str, filename: str, what: str, how: str,
+                    cache_dir: Path | None = None) -> Path:
+    """An explicit path (must exist), else ``cache_dir/filename``, else the HF hub cache (download when online)."""
+    if explicit is not None:
+        p = Path(explicit).expanduser()
+        if not p.exists():
+            raise MissingWeightsError(f"{what} not found at {p}; {how}")
+        return p
+    if cache_dir is not None and (cache_dir / filename).is_file():
+        return cache_dir / filename
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo, filename, local_files_only=offline()))
+    except Exception as e:
+        raise MissingWeightsError(
+            f"{what} ({repo}/{filename}) is not available locally ({type(e).__name__}); {how}"
+        ) from e
 
 
 # --------------------------------------------------------------------------------------------------

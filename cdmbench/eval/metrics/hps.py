@@ -13,9 +13,8 @@ from typing import Callable, ClassVar
 
 import torch
 
-from cdmbench.errors import MissingWeightsError
 from cdmbench.eval.metrics import METRICS
-from cdmbench.eval.metrics.base import Applicability, MetricOptions, PerImageMetric, backbone_domain, offline
+from cdmbench.eval.metrics.base import Applicability, MetricOptions, PerImageMetric, backbone_domain, resolve_weights
 from cdmbench.eval.metrics.clip_score import load_openclip, openclip_cosine
 
 HPS_FILE = "HPS_v2.1_compressed.pt"
@@ -26,19 +25,7 @@ _HOW = f"download {HPS_FILE} from the hub repo {HPS_REPO} and pass hps_path= or 
 
 def resolve_hps_checkpoint(path: str | None) -> Path:
     """The local HPS v2.1 checkpoint: ``path`` if given, else the HF cache (downloading when online)."""
-    if path is not None:
-        p = Path(path).expanduser()
-        if not p.is_file():
-            raise MissingWeightsError(f"HPS v2.1 checkpoint {HPS_FILE} not found at {p}; {_HOW}")
-        return p
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return Path(hf_hub_download(HPS_REPO, HPS_FILE, local_files_only=offline()))
-    except Exception as e:
-        raise MissingWeightsError(
-            f"HPS v2.1 checkpoint {HPS_FILE} is not available locally ({type(e).__name__}); {_HOW}"
-        ) from e
+    return resolve_weights(path, HPS_REPO, HPS_FILE, f"HPS v2.1 checkpoint {HPS_FILE}", _HOW)
 
 
 @METRICS.register("hps")

@@ -16,7 +16,8 @@ import torch
 
 from cdmbench.errors import MissingWeightsError
 from cdmbench.eval.metrics import METRICS
-from cdmbench.eval.metrics.base import Applicability, MetricOptions, PerImageMetric, backbone_domain, offline, to_pil
+from cdmbench.eval.metrics.base import (Applicability, MetricOptions, PerImageMetric, backbone_domain,
+                                        resolve_weights, to_pil)
 
 IR_REPO = "THUDM/ImageReward"
 IR_FILE = "ImageReward.pt"
@@ -39,25 +40,6 @@ def imagereward_scores(model: torch.nn.Module, images: torch.Tensor, prompts: li
     pixels = torch.stack([model.preprocess(im) for im in to_pil(images)]).to(device)
     rewards = model.score_gard(text.input_ids.to(device), text.attention_mask.to(device), pixels)
     return rewards.float().reshape(-1).double().cpu().numpy()
-
-
-def _resolve(explicit: str | None, repo: str, filename: str, what: str, how: str, cache_dir: Path | None) -> Path:
-    """An explicit path (must exist), else ``cache_dir/filename``, else the HF hub cache (download when online)."""
-    if explicit is not None:
-        p = Path(explicit).expanduser()
-        if not p.exists():
-            raise MissingWeightsError(f"{what} not found at {p}; {how}")
-        return p
-    if cache_dir is not None and (cache_dir / filename).is_file():
-        return cache_dir / filename
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return Path(hf_hub_download(repo, filename, local_files_only=offline()))
-    except Exception as e:
-        raise MissingWeightsError(
-            f"{what} ({repo}/{filename}) is not available locally ({type(e).__name__}); {how}"
-        ) from e
 
 
 @METRICS.register("imagereward")
@@ -98,10 +80,10 @@ class ImageRewardScore(PerImageMetric):
         compat.import_imagereward()  # a missing package is an ImportError naming the install command
         ir_cache = Path.home() / ".cache" / "ImageReward"
         how = f"pass imagereward_path= and imagereward_med_config= or set ${IR_ENV} / ${MED_CONFIG_ENV}"
-        ckpt = _resolve(
+        ckpt = resolve_weights(
             options.env("imagereward_path", IR_ENV), IR_REPO, IR_FILE, f"ImageReward weights {IR_FILE}", how, ir_cache
         )
-        med = _resolve(
+        med = resolve_weights(
             options.env("imagereward_med_config", MED_CONFIG_ENV), IR_REPO, MED_CONFIG_FILE,
             f"ImageReward {MED_CONFIG_FILE}", how, ir_cache,
         )
@@ -109,7 +91,7 @@ class ImageRewardScore(PerImageMetric):
             json.loads(med.read_text())
         except (OSError, ValueError) as e:
             raise MissingWeightsError(f"ImageReward {MED_CONFIG_FILE} at {med} is not readable JSON ({e})") from e
-        tok = _resolve(
+        tok = resolve_weights(
             options.env("bert_tokenizer_path", BERT_ENV), BERT_REPO, "vocab.txt",
             "bert-base-uncased tokenizer vocab.txt",
             f"pass bert_tokenizer_path= (a folder or vocab.txt) or set ${BERT_ENV}", None,
