@@ -1,5 +1,13 @@
 """Checkpoints: one folder per step, written to a temporary folder and renamed (atomic); weights in
-safetensors, optimiser/RNG state loaded with ``weights_only=True``; a ``latest`` pointer file."""
+safetensors, optimiser/RNG state loaded with ``weights_only=True``; a ``latest`` pointer file.
+
+Network and optimiser states go through torch's distributed state-dict API
+(``torch.distributed.checkpoint.state_dict``), the same calls for a plain module, a DDP-wrapped one and an
+FSDP2-sharded one (DTensor parameters): states are *full* (unsharded), on the CPU, keyed by parameter names
+(FQNs), so a checkpoint does not depend on the number of processes that wrote it. Taking a state is a
+collective under FSDP2: every process calls it; with a process group, only rank 0 gets the tensors (the
+other ranks get ``{}``). Loading expects the full state on every process.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +17,9 @@ import shutil
 from pathlib import Path
 
 import torch
+from torch import nn
 
+from cdmbench.errors import CdmbenchError
 from cdmbench.io import load_safetensors, save_safetensors, write_text
 
 CKPT_DIR = "checkpoints"
@@ -59,3 +69,126 @@ def load_checkpoint(path: Path) -> tuple[dict[str, dict], dict, dict, dict]:
     state = torch.load(path / "training_state.pt", weights_only=True)
     meta = json.loads((path / "meta.json").read_text())
     return nets, state, extra, meta
+
+
+# ------------------------------------------------------------------------------------------------
+# Full (unsharded) network and optimiser states, FSDP2-, DDP- and single-process-alike.
+
+
+def _full_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _snapshot(state, live: list[torch.Tensor]):
+    """``state`` (nested dicts and lists) with every tensor detached, and copied where it shares memory with
+    a tensor of ``live`` (the local shard of a DTensor): a state that later steps do not change."""
+    from torch.distributed.tensor import DTensor
+    from torch.utils._pytree import tree_map_only
+
+    ptrs = {(t.to_local() if isinstance(t, DTensor) else t).untyped_storage().data_ptr() for t in live}
+    return tree_map_only(torch.Tensor, lambda t: t.detach().clone() if t.untyped_storage().data_ptr() in ptrs
+                         else t.detach(), state)
+
+
+def state_mismatch(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str:
+    """How ``state`` differs from ``expected`` in keys and (global) shapes, in words; ``""`` when it does not."""
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    reshaped = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
+    return ", ".join(f"{len(keys)} {what} (e.g. {keys[:2]})" for what, keys in
+                     (("missing", missing), ("unexpected", unexpected), ("with another shape", reshaped)) if keys)
+
+
+def full_model_state(net: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's full state dict on the CPU, keyed by parameter names (no ``module.`` prefix of DDP).
+
+    A snapshot: no tensor shares memory with the module (torch returns CPU parameters themselves; those
+    are copied), so changing the module afterwards does not change it. A collective under FSDP2; with a
+    process group, ranks other than 0 get ``{}``.
+    """
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return _snapshot(get_model_state_dict(net, options=_full_options()), [*net.parameters(), *net.buffers()])
+
+
+def load_full_model_state(net: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a full state dict (every process passes all of it) into ``net``; strict.
+
+    torch's ``set_model_state_dict`` keeps the current value of a missing key without a word, so keys and
+    shapes are checked here first: any missing, unexpected or reshaped key is a ``CdmbenchError``.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+    mismatch = state_mismatch(get_model_state_dict(net), state)  # local references (DTensors under FSDP2)
+    if mismatch:
+        raise CdmbenchError(f"weights do not match the network: {mismatch}")
+    # a copy: torch adds the module's own tensors to the dict it is given
+    result = set_model_state_dict(net, dict(state), options=StateDictOptions(full_state_dict=True, strict=True))
+    if result.missing_keys or result.unexpected_keys:
+        raise CdmbenchError(f"weights did not load: missing {result.missing_keys[:2]}, "
+                            f"unexpected {result.unexpected_keys[:2]}")
+
+
+def full_optimizer_state(net: nn.Module, opt: torch.optim.Optimizer) -> dict:
+    """The optimiser's full state on the CPU, keyed by the names of ``net``'s parameters (FQNs); a snapshot,
+    like ``full_model_state``.
+
+    ``opt`` may be accelerate's ``AcceleratedOptimizer``. An optimiser that has not stepped yet has no
+    per-parameter state; torch initialises one with a zero-lr step before reading it (for AdamW: step
+    count 1, which would change the bias correction of its first real step), so that is undone here and
+    the state saved is empty, as it is in memory. A collective under FSDP2; ranks other than 0 get ``{}``.
+    """
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    opt = getattr(opt, "optimizer", opt)
+    unstepped = not opt.state
+    state = get_optimizer_state_dict(net, opt, options=_full_options())
+    if unstepped:
+        opt.state.clear()
+        if state:
+            state["state"] = {}
+    return _snapshot(state, [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)])
+
+
+def load_full_optimizer_state(net: nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
+    """Load a state from ``full_optimizer_state`` (every process passes all of it) into ``opt``.
+
+    The optimiser ends up with state for exactly the parameters the saved one had state for (torch would
+    give the others the state of a zero-lr step); parameter names must match. A state in torch's own
+    index-keyed format (checkpoints of cdmbench before FQN keys, from unsharded runs) is read too.
+    """
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+
+    opt = getattr(opt, "optimizer", opt)
+    state = _fqn_keyed(net, opt, state)
+    # the parameter names of ``opt`` (local, no collective; torch gives an unstepped optimiser state here)
+    names = [g["params"] for g in get_optimizer_state_dict(net, opt)["param_groups"]]
+    saved = [g["params"] for g in state["param_groups"]]
+    if names != saved:
+        differ = sorted(set(sum(saved, [])) ^ set(sum(names, [])))
+        raise CdmbenchError(f"optimizer state does not match the network: {len(differ)} parameters in only one of "
+                            f"them (e.g. {differ[:2]})" if differ else "optimizer state does not match the "
+                            "network: its parameters are in another order or grouping")
+    if state["state"]:  # (torch's loader would take an empty state for an index-keyed one)
+        set_optimizer_state_dict(net, opt, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    stateful = set(state["state"])
+    for group, saved_group, fqns in zip(opt.param_groups, state["param_groups"], names):
+        group.update({k: v for k, v in saved_group.items() if k != "params"})  # what load_state_dict does
+        for p, fqn in zip(group["params"], fqns):
+            if fqn not in stateful:
+                opt.state.pop(p, None)
+
+
+def _fqn_keyed(net: nn.Module, opt: torch.optim.Optimizer, state: dict) -> dict:
+    """``state`` with parameter names for keys; torch's index-keyed format (an unsharded optimiser's
+    ``state_dict()``: indices in the order of its param groups) converted by ``net``'s parameter names."""
+    if not all(isinstance(i, int) for g in state["param_groups"] for i in g["params"]):
+        return state
+    names = {id(p): n for n, p in getattr(net, "module", net).named_parameters()}
+    index = [names[id(p)] for g in opt.param_groups for p in g["params"]]
+    if len(index) != sum(len(g["params"]) for g in state["param_groups"]):
+        raise CdmbenchError("optimizer state does not match the network's trainable parameters")
+    return {"state": {index[i]: v for i, v in state["state"].items()},
+            "param_groups": [{**g, "params": [index[i] for i in g["params"]]} for g in state["param_groups"]]}

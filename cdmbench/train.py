@@ -5,16 +5,22 @@ It never branches on a method or backbone name: the method says which networks s
 guard, LR warm-up, the student EMA, atomic checkpoints, resume and the health log. It runs unchanged
 under ``accelerate launch`` (DDP/FSDP); random choices that must agree across processes come from
 ``Batch.shared_seed``.
+
+State handling is the same in every setting: networks and optimisers are saved and loaded as full,
+name-keyed states through torch's distributed state-dict API (``cdmbench.checkpoint``), which handles a
+plain module, DDP and FSDP2 (DTensor parameters) alike; the student EMA is a list of tensors cloned from the
+student's (possibly sharded) parameters.
 """
 
 from __future__ import annotations
 
-import copy
 import csv
 import dataclasses
 import hashlib
+import logging
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,10 +29,13 @@ import numpy as np
 import torch
 
 from cdmbench.backbones.base import BackboneOptions
-from cdmbench.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from cdmbench.checkpoint import (full_optimizer_state, latest_checkpoint, load_checkpoint,
+                                 load_full_optimizer_state, save_checkpoint)
 from cdmbench.config import TrainConfig, apply_overrides, from_jsonable, to_jsonable
 from cdmbench.errors import CdmbenchError, NonFiniteError
 from cdmbench.io import read_json, write_json
+
+logger = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------------
 # Resolved run configuration
@@ -126,17 +135,88 @@ def _mix(*xs: int) -> int:
 # The loop
 
 
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
-            "numpy_pos": int(np.random.get_state()[2])}
+def _rng_state(device: torch.device) -> dict:
+    """This process's RNG states: torch (CPU and, for an accelerator, its current device), Python, NumPy."""
+    s = {"torch": torch.get_rng_state(), "python": random.getstate(),
+         "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+         "numpy_pos": int(np.random.get_state()[2])}
+    if device.type != "cpu":
+        s["device"] = torch.get_device_module(device.type).get_rng_state()
+    return s
 
 
-def _set_rng_state(s: dict) -> None:
+def _set_rng_state(s: dict, device: torch.device) -> None:
     torch.set_rng_state(s["torch"])
+    if "device" in s and device.type != "cpu":
+        torch.get_device_module(device.type).set_rng_state(s["device"])
     v, state, gauss = s["python"]
     random.setstate((v, tuple(state), gauss))
     np.random.set_state(("MT19937", s["numpy"].numpy().astype(np.uint32), s["numpy_pos"], 0, 0.0))
+
+
+def _adamw(params: list[torch.nn.Parameter], spec) -> torch.optim.AdamW:
+    """AdamW with ``spec``'s settings, fused (one kernel for all tensors, on CPU and CUDA); the foreach
+    implementation of the same update where the fused kernel does not take the parameters' device or dtype."""
+    from torch.optim.optimizer import _device_dtype_check_for_fused  # the check AdamW(fused=True) runs at step 1
+
+    kw = dict(lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay, eps=spec.eps)
+    try:
+        for p in params:
+            _device_dtype_check_for_fused(p)
+    except RuntimeError as e:
+        logger.warning("AdamW: no fused kernel here (%s); using the foreach implementation", e)
+        return torch.optim.AdamW(params, foreach=True, **kw)
+    return torch.optim.AdamW(params, fused=True, **kw)
+
+
+def _copy_(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    """``d.copy_(s)`` pairwise, without autograd. One op per tensor: torch 2.14 has no DTensor rule for
+    ``_foreach_copy_``, and this only runs when a checkpoint is written or read."""
+    with torch.no_grad():
+        for d, s in zip(dst, src, strict=True):
+            d.detach().copy_(s.detach())
+
+
+class StudentEMA:
+    """Exponential moving average of a network's trainable parameters.
+
+    Held as tensors cloned from the parameters (``p.detach().clone()``: a sharded DTensor parameter gives a
+    sharded copy, so no process ever holds the whole EMA of an FSDP2 network). The parameters a network does
+    not train are the same in the EMA as in the network. Its state (save and load) goes through the network
+    itself: the EMA values are copied into the network's parameters for the duration of a state read or
+    write, and the network's own values copied back after.
+    """
+
+    def __init__(self, net: torch.nn.Module):
+        self.params = [p for p in net.parameters() if p.requires_grad]
+        with torch.no_grad():
+            self.values = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self, decay: float) -> None:
+        """values ← decay · values + (1 − decay) · parameters."""
+        torch._foreach_lerp_(self.values, [p.detach() for p in self.params], 1 - decay)
+
+    @contextmanager
+    def _in_params(self):
+        with torch.no_grad():
+            own = [p.detach().clone() for p in self.params]
+            _copy_(self.params, self.values)
+            try:
+                yield
+            finally:
+                _copy_(self.params, own)
+
+    def read(self, net_state):
+        """``net_state()`` (a state of the network, e.g. ``backbone.net_state_dict(student)``) with the EMA in it."""
+        with self._in_params():
+            return net_state()
+
+    def write(self, load_net_state) -> None:
+        """Set the EMA with ``load_net_state()`` (which loads a state into the network, e.g. an EMA checkpoint)."""
+        with self._in_params():
+            load_net_state()
+            _copy_(self.values, self.params)
 
 
 class HealthLog:
@@ -186,7 +266,10 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
     ``resume`` continues from the latest checkpoint in ``run_dir``. ``stop_after`` ends the process
     after that many iterations *without* a final checkpoint (a simulated kill, for tests).
     """
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedType
+    from accelerate.utils import gather_object
+    # imported before seeding: the first import of rich.progress draws from Python's global RNG
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from cdmbench.backbones import build_backbone
     from cdmbench.methods import METHODS
@@ -195,6 +278,9 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
     run_dir = Path(run_dir)
     tc = cfg.train
     accelerator = Accelerator(cpu=cfg.backbone.device == "cpu", mixed_precision=tc.mixed_precision)
+    if cfg.backbone.lora_rank and accelerator.distributed_type == DistributedType.FSDP:
+        raise CdmbenchError("LoRA (backbone.lora_rank > 0) does not run under FSDP; "
+                            "launch with DDP or train the full network")
     main = accelerator.is_main_process
     start, ckpt = 0, None
     if resume:
@@ -222,26 +308,32 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
     optimizers, schedulers = {}, {}
     for name, spec in specs.items():
         params = [p for p in method.nets[name].parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay, eps=spec.eps,
-                                foreach=True)
+        opt = _adamw(params, spec)
         warm = spec.warmup
         sched = torch.optim.lr_scheduler.LambdaLR(opt, (lambda k, w=warm: min(1.0, k / w)) if warm else (lambda k: 1.0))
         method.nets[name], optimizers[name] = accelerator.prepare(method.nets[name], opt)
         schedulers[name] = sched
-    ema = copy.deepcopy(accelerator.unwrap_model(method.nets["student"])).eval().requires_grad_(False)
+    ema = StudentEMA(method.nets["student"])
     counts = {name: 0 for name in specs}
     prev_minutes = 0.0
 
     if ckpt is not None:
         nets, state, extra, meta = load_checkpoint(ckpt)
+        # the EMA first: it goes through the student's parameters, which then get the student's own state
+        ema.write(lambda: backbone.load_net_state(method.nets["student"], nets["student_ema"]))
         for name in specs:
-            accelerator.unwrap_model(method.nets[name]).load_state_dict(nets[name], strict=True)
-            optimizers[name].load_state_dict(state["optimizers"][name])
+            backbone.load_net_state(method.nets[name], nets[name])
+            load_full_optimizer_state(method.nets[name], optimizers[name], state["optimizers"][name])
             schedulers[name].load_state_dict(state["schedulers"][name])
-        ema.load_state_dict(nets["student_ema"], strict=True)
         method.load_extra_state(extra)
         counts = dict(state["counts"])
-        _set_rng_state(state["rng"][accelerator.process_index] if isinstance(state["rng"], list) else state["rng"])
+        rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # one per process
+        if len(rngs) == accelerator.num_processes:
+            _set_rng_state(rngs[accelerator.process_index], accelerator.device)
+        else:
+            logger.warning("resuming %d processes from a checkpoint of %d: random streams are reseeded, so the run "
+                           "is not the one an uninterrupted run would be", accelerator.num_processes, len(rngs))
+            torch.manual_seed(_mix(tc.seed, int(meta["step"]), accelerator.process_index))
         start = int(meta["step"])
         prev_minutes = float(meta.get("minutes", 0.0))
 
@@ -251,11 +343,12 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
 
     def save(step: int) -> Path:
         nonlocal last_good
-        nets = {name: backbone.net_state_dict(accelerator.unwrap_model(method.nets[name])) for name in specs}
-        nets["student_ema"] = backbone.net_state_dict(ema)
-        state = {"optimizers": {n: o.state_dict() for n, o in optimizers.items()},
+        # every process takes the states (collectives under FSDP2); the main one writes them
+        nets = {name: backbone.net_state_dict(method.nets[name]) for name in specs}
+        nets["student_ema"] = ema.read(lambda: backbone.net_state_dict(method.nets["student"]))
+        state = {"optimizers": {n: full_optimizer_state(method.nets[n], o) for n, o in optimizers.items()},
                  "schedulers": {n: s.state_dict() for n, s in schedulers.items()},
-                 "counts": counts, "rng": _rng_state()}
+                 "counts": counts, "rng": gather_object([_rng_state(accelerator.device)])}
         path = None
         if main:
             path = save_checkpoint(run_dir, step, nets, state, method.extra_state(),
@@ -264,8 +357,6 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
             last_good = str(path)
         accelerator.wait_for_everyone()
         return path
-
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TimeRemainingColumn(), TextColumn("{task.fields[info]}"), disable=not (progress and main))
@@ -308,10 +399,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
                 stepped.append(name)
                 if name == "student":
                     k = counts["student"] - 1
-                    decay = min((1 + k) / (10 + k), tc.ema_decay)
-                    with torch.no_grad():
-                        student = accelerator.unwrap_model(method.nets["student"])
-                        torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in student.parameters()], 1 - decay)
+                    ema.update(min((1 + k) / (10 + k), tc.ema_decay))
                 method.after_update(name)
 
             with accelerator.autocast():

@@ -5,11 +5,13 @@ import json
 import pytest
 import torch
 
+from cdmbench.backbones.base import BackboneOptions
 from cdmbench.checkpoint import latest_checkpoint, load_checkpoint
 from cdmbench.errors import CdmbenchError, NonFiniteError
 from cdmbench.methods import METHODS
 from cdmbench.train import resolve_config, train
 from conftest import tiny_overrides
+from tiny_pipelines import TEXT_LEN, tiny_sd3_dir  # noqa: F401 (fixture)
 
 
 @pytest.mark.parametrize("name", METHODS.names())
@@ -24,6 +26,39 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(name, tmp_path):
     for net in a:
         for k in a[net]:
             torch.testing.assert_close(a[net][k], b[net][k], atol=0, rtol=0, msg=f"{net}.{k}")
+
+
+def test_lora_resume_after_a_kill_matches_an_uninterrupted_run(tiny_sd3_dir, tmp_path):
+    """LoRA checkpoints hold adapter weights only; resuming loads them (and the EMA, the optimisers) back.
+    Killed after iteration 1: the student (CDM: every 2nd iteration) has not stepped, its optimiser is empty."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red apple on a table\na blue car in the rain\n")
+    options = BackboneOptions(model=str(tiny_sd3_dir), resolution=32, max_sequence_length=TEXT_LEN, lora_rank=2)
+    cfg = resolve_config("cdm", "sd3", {**tiny_overrides("cdm", steps=3), "train.prompts": str(prompts),
+                                        "train.mixed_precision": "no"}, options)
+    straight = train(cfg, tmp_path / "straight", progress=False)
+    train(cfg, tmp_path / "killed", progress=False, stop_after=1)
+    assert latest_checkpoint(tmp_path / "killed").name == "step_0000001"
+    resumed = train(cfg, tmp_path / "killed", resume=True, progress=False)
+    (a, state, _, _), (b, _, _, _) = load_checkpoint(straight), load_checkpoint(resumed)
+    assert a.keys() == b.keys() == {"student", "student_ema", "fake_score"}
+    assert state["counts"] == {"student": 1, "fake_score": 3}
+    for net in a:
+        assert a[net].keys() == b[net].keys() and all("lora_" in k for k in a[net])
+        for k in a[net]:
+            torch.testing.assert_close(a[net][k], b[net][k], atol=0, rtol=0, msg=f"{net}.{k}")
+    assert not torch.equal(a["student"]["transformer_blocks.0.attn.to_q.lora_B.weight"],
+                           a["student_ema"]["transformer_blocks.0.attn.to_q.lora_B.weight"])
+
+
+def test_lora_under_fsdp_fails_early(monkeypatch, tmp_path):
+    from accelerate import Accelerator, DistributedType
+
+    monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
+    cfg = resolve_config("cdm", "toy", tiny_overrides("cdm", steps=1), BackboneOptions(lora_rank=2))
+    with pytest.raises(CdmbenchError, match="LoRA .* does not run under FSDP"):
+        train(cfg, tmp_path / "r", progress=False)
+    assert not (tmp_path / "r").exists()
 
 
 def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

@@ -147,17 +147,28 @@ class Backbone(ABC):
         return net
 
     def net_state_dict(self, net: nn.Module) -> dict[str, torch.Tensor]:
-        """What is saved for a student: its full state dict (LoRA backbones may save adapters only)."""
-        net = getattr(net, "module", net)
-        return {k: v.detach() for k, v in net.state_dict().items()}
+        """What is saved for a network: its full state dict on the CPU (LoRA backbones may save adapters only).
+
+        ``net`` may be DDP-wrapped or FSDP2-sharded (a collective then: every process calls it; ranks other
+        than 0 get ``{}``); see ``cdmbench.checkpoint.full_model_state``.
+        """
+        from cdmbench.checkpoint import full_model_state
+
+        return full_model_state(net)
+
+    def load_net_state(self, net: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Load a state from ``net_state_dict`` into ``net`` (plain, DDP-wrapped or FSDP2-sharded), strictly."""
+        from cdmbench.checkpoint import load_full_model_state
+
+        try:
+            load_full_model_state(net, state)
+        except CdmbenchError as e:
+            raise CdmbenchError(f"{self.name}: {e}") from e
 
     def load_net(self, state: dict[str, torch.Tensor]) -> nn.Module:
         """A network of the teacher's class with ``state`` loaded strictly (a mismatch is an error)."""
         net = self.trainable_copy()
-        try:
-            net.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            raise CdmbenchError(f"student weights do not match the {self.name} backbone: {str(e).splitlines()[0]}") from e
+        self.load_net_state(net, state)
         net.eval().requires_grad_(False)
         return net
 

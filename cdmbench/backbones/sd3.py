@@ -232,34 +232,34 @@ class DiffusersBackbone(Backbone):
         return net
 
     def net_state_dict(self, net: nn.Module) -> dict[str, torch.Tensor]:
-        """Full mode: the whole state dict. LoRA mode: the adapter weights only (peft key names)."""
+        """Full mode: the whole state dict. LoRA mode: the adapter weights only (peft key names), taken from
+        the full state (``full_model_state``), so it works on a DDP-wrapped network too."""
         if not self.options.lora_rank:
             return super().net_state_dict(net)
         from peft.utils import get_peft_model_state_dict
 
-        net = getattr(net, "module", net)
-        return {k: v.detach() for k, v in get_peft_model_state_dict(net).items()}
+        from cdmbench.checkpoint import full_model_state
 
-    def load_net(self, state: dict[str, torch.Tensor]) -> nn.Module:
+        return dict(get_peft_model_state_dict(getattr(net, "module", net), state_dict=full_model_state(net)))
+
+    def load_net_state(self, net: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Full mode: the whole state dict, strictly. LoRA mode: the adapter weights, with every adapter key of
+        ``net`` present in ``state`` at its shape and nothing else (a mismatch is a ``CdmbenchError``)."""
         if not self.options.lora_rank:
-            return super().load_net(state)
+            return super().load_net_state(net, state)
         from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-        net = self.trainable_copy()
-        expected = get_peft_model_state_dict(net)
-        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        reshaped = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
-        if missing or unexpected or reshaped:
-            raise CdmbenchError(
-                f"LoRA student weights do not match the {self.name} backbone with lora_rank="
-                f"{self.options.lora_rank}: {len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} "
-                f"unexpected (e.g. {unexpected[:2]}), {len(reshaped)} with another shape (e.g. {reshaped[:2]})")
+        from cdmbench.checkpoint import state_mismatch
+
+        net = getattr(net, "module", net)
+        mismatch = state_mismatch(get_peft_model_state_dict(net), state)
+        if mismatch:
+            raise CdmbenchError(f"LoRA weights do not match the {self.name} backbone with lora_rank="
+                                f"{self.options.lora_rank}: {mismatch}")
         set_peft_model_state_dict(net, state)
         loaded = get_peft_model_state_dict(net)
         if any(not torch.equal(loaded[k].to(state[k]), state[k]) for k in state):
-            raise CdmbenchError(f"LoRA student weights did not load into the {self.name} backbone")
-        net.eval().requires_grad_(False)
-        return net
+            raise CdmbenchError(f"LoRA weights did not load into the {self.name} backbone")
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "model": self.model_id, "resolution": self.resolution,
