@@ -233,12 +233,12 @@ def list_metrics():
 @friendly
 def toy_train_teacher(
     out: Path = typer.Option(..., "--out", help="Where to write the teacher safetensors."),
-    steps: int = typer.Option(6000, "--steps"),
+    steps: int = typer.Option(8000, "--steps"),
     seed: int = typer.Option(0, "--seed"),
     lr: float = typer.Option(1e-3, "--lr"),
     init: Optional[Path] = typer.Option(None, "--init", help="Continue from this teacher file."),
 ):
-    """Reproduce the shipped toy teacher from a seed (see cdmbench/toy/train_teacher.py for the two stages)."""
+    """Reproduce the shipped toy teacher from a seed (see cdmbench/toy/train_teacher.py)."""
     from cdmbench.toy.train_teacher import train_teacher
 
     typer.echo(json.dumps(train_teacher(out, steps=steps, seed=seed, lr=lr, init=init), indent=2))

@@ -35,7 +35,7 @@ CLASSIFIER_ASSET = "toy_classifier.safetensors"
 CLIP_ASSET = "toy_clip.safetensors"
 FID_REF_ASSET = "toy_fid_ref.safetensors"
 CLIP_MODEL_NAME = "toy-clip"  # open_clip model name, registered from assets/open_clip/toy-clip.json
-TOY_FID_VERSION = "toy-fid-v1"  # bump when the feature protocol (extractor, preprocessing) changes
+TOY_FID_VERSION = "toy-fid-v2"  # bump when the feature protocol (extractor, preprocessing) changes
 REBUILD_COMMAND = "cdmbench toy train-evaluators --out-dir cdmbench/assets"
 METADATA_KEY = "cdmbench"  # safetensors metadata key holding the JSON training/protocol record
 

@@ -26,7 +26,11 @@ ATTRIBUTES = ("shape", "color", "position", "size")
 NUM_CLASSES = {"shape": len(SHAPES), "color": len(COLORS), "position": len(POSITIONS), "size": len(SIZES)}
 
 _RGB = torch.tensor([[0.86, 0.16, 0.16], [0.16, 0.71, 0.24], [0.16, 0.31, 0.86], [0.90, 0.82, 0.16]])
-_RADIUS = ((3.0, 4.5), (6.0, 7.5))  # pixel radius range per size class (small, large)
+# Pixel radius range per size class (small, large). A square's half-width equals its radius, so its
+# corners stand 0.41·r (1.6-3.1 px) outside the circle of the same radius: "shapes-v1" drew squares
+# 0.85·r wide, whose outline differed from a circle's by about one pixel and no toy teacher resolved it.
+_RADIUS = ((4.0, 5.0), (6.5, 7.5))
+DATA_VERSION = "shapes-v2"
 _TEMPLATES = (
     "a {size} {color} {shape} in the {position}",
     "{size} {color} {shape} {position}",
@@ -92,7 +96,7 @@ def render(attrs: torch.Tensor, generator: torch.Generator, supersample: int = 4
     dy = yy[None] - cy[:, None, None]
     rr = radius[:, None, None]
     circle = dx**2 + dy**2 <= rr**2
-    square = (dx.abs() <= 0.85 * rr) & (dy.abs() <= 0.85 * rr)
+    square = (dx.abs() <= rr) & (dy.abs() <= rr)
     triangle = (dy >= -rr) & (dy <= 0.8 * rr) & (dx.abs() <= (dy + rr) * 0.65)
     masks = torch.stack([circle, square, triangle], 1).float()  # (B, 3 shapes, n, n)
     mask = masks[torch.arange(b), shape]

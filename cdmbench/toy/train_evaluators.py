@@ -136,7 +136,7 @@ def train_classifier(
         "final_loss": round(sum(losses[-100:]) / len(losses[-100:]), 5),
         "heldout_n": heldout, "heldout_accuracy": round(float(ev.attribute_accuracy(pred, attrs).mean()), 5),
         "heldout_per_attribute": {k: round(v, 5) for k, v in ev.per_attribute_accuracy(pred, attrs).items()},
-        "torch": torch.__version__,
+        "data": shapes.DATA_VERSION, "torch": torch.__version__,
     }
     save_safetensors(model.state_dict(), out, metadata={ev.METADATA_KEY: json.dumps(record)})
     return record
@@ -255,7 +255,7 @@ def train_clip(
         "final_loss": round(sum(losses[-100:]) / len(losses[-100:]), 5),
         "logit_scale": round(float(model.logit_scale.detach().exp()), 3), "heldout_n": heldout,
         **{f"heldout_{k}": round(v, 5) for k, v in metrics.items()},
-        "storage": "fp16; token_embedding rows outside token_embedding.ids are zero", "torch": torch.__version__,
+        "storage": "fp16; token_embedding rows outside token_embedding.ids are zero", "data": shapes.DATA_VERSION, "torch": torch.__version__,
         "open_clip": open_clip.__version__,
     }
     save_safetensors(sd, out, metadata={ev.METADATA_KEY: json.dumps(record)})
@@ -298,7 +298,7 @@ def build_fid_reference(
         "version": ev.TOY_FID_VERSION, "extractor": "ShapeClassifier.features",
         "extractor_file": classifier_path.name,
         "extractor_sha256": ev.file_sha256(classifier_path), "num_features": classifier.num_features,
-        "input": "float32 (B, 3, 32, 32) in [0, 1]", "prompt_set": shapes.PROMPT_SET_VERSION,
+        "input": "float32 (B, 3, 32, 32) in [0, 1]", "prompt_set": shapes.PROMPT_SET_VERSION, "data": shapes.DATA_VERSION,
         "seeds": format_int_list(seeds),
         "n": len(prompts) * len(seeds),
     }

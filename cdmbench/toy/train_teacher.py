@@ -4,9 +4,8 @@ x_σ = (1−σ)·x0 + σ·ε, target v = ε − x0 (cdm.md §1), σ ~ logit-norm
 caption dropout to the empty prompt so classifier-free guidance works. The text encoder is trained
 jointly and frozen afterwards. The EMA weights are shipped (``cdmbench/assets/toy_teacher.safetensors``).
 
-Reproduce the shipped teacher (two stages; the second continues from the first):
-``cdmbench toy train-teacher --out stage1.safetensors --steps 6000 --seed 0`` then
-``cdmbench toy train-teacher --out cdmbench/assets/toy_teacher.safetensors --init stage1.safetensors --steps 3500 --lr 3e-4 --seed 1``.
+Reproduce the shipped teacher: ``cdmbench toy train-teacher --out cdmbench/assets/toy_teacher.safetensors
+--steps 8000 --seed 0`` (``--init FILE`` continues from a teacher file instead of starting from scratch).
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import torch
 
 from cdmbench.io import save_safetensors
 from cdmbench.toy.models import ToyArch, arch_dict, build_text_encoder, build_tokenizer, build_transformer, MAX_TOKENS
-from cdmbench.toy.shapes import ShapesStream
+from cdmbench.toy.shapes import DATA_VERSION, ShapesStream
 
 
 def train_teacher(
@@ -94,6 +93,7 @@ def train_teacher(
         "arch": arch_dict(arch), "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
         "caption_dropout": caption_dropout, "ema_decay": ema_decay, "train_minutes": round(minutes, 2),
         "final_loss": round(sum(losses[-200:]) / len(losses[-200:]), 5), "torch": torch.__version__,
+        "data": DATA_VERSION,
         "init": init_record,  # the training record of the file this run continued from (None: scratch)
     }
     tensors = {f"text_encoder.{k}": v for k, v in ema_text.state_dict().items()}
