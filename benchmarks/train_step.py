@@ -1,5 +1,6 @@
 """Per method on the toy: training iteration time through the real loop, the time of the same
-iterations' network passes alone (forwards timed inside ``Backbone.velocity``, backwards inside
+iterations' network passes alone (forwards timed inside ``Backbone.velocity``, text-encoder forwards of
+prompts a method encodes itself inside ``Backbone.encode_prompts``, backwards inside
 ``Accelerator.backward``), passes per iteration by network, and the harness overhead ratio
 (iteration time / network time; target ≤ 1.10). Prints a markdown table.
 
@@ -47,6 +48,15 @@ def main() -> None:
         stats["passes"][role] += 1
         return out
 
+    orig_encode = ToyBackbone.encode_prompts
+
+    def timed_encode(self, prompts):
+        t = time.perf_counter()
+        out = orig_encode(self, prompts)
+        stats["net_s"] += time.perf_counter() - t
+        stats["passes"]["text"] += 1
+        return out
+
     orig_backward = accelerate.Accelerator.backward
 
     def timed_backward(self, loss, **kw):
@@ -66,6 +76,7 @@ def main() -> None:
 
         cls.__init__ = init
         ToyBackbone.velocity = timed_velocity
+        ToyBackbone.encode_prompts = timed_encode
         accelerate.Accelerator.backward = timed_backward
         try:
             cfg = resolve_config(name, "toy", {"train.steps": str(args.iters), "train.batch_size": str(args.batch),
@@ -87,6 +98,7 @@ def main() -> None:
             cls.__init__ = orig_init
             cls.train_step = orig_train_step
             ToyBackbone.velocity = orig_velocity
+            ToyBackbone.encode_prompts = orig_encode
             accelerate.Accelerator.backward = orig_backward
         kept = records[4:]  # drop warm-up iterations (allocator, one-off pair/sample sets)
         n = len(kept)
@@ -98,11 +110,12 @@ def main() -> None:
         per = {k: v / n for k, v in per.items()}
         rows.append((name, iter_s * 1000, net_s * 1000, per, iter_s / net_s))
     print(f"toy backbone, batch {args.batch}, {args.iters} iterations, {args.threads} threads\n")
-    print("| method | iteration ms | network passes ms | student / teacher (+CD's EMA target) / fake forwards per it | backwards per it | overhead ratio |")
-    print("|---|---|---|---|---|---|")
+    print("| method | iteration ms | network passes ms | student / teacher (+CD's EMA target) / fake forwards per it | "
+          "text-encoder passes per it | backwards per it | overhead ratio |")
+    print("|---|---|---|---|---|---|---|")
     for name, it, net, per, ratio in rows:
         passes = f"{per.get('student', 0):.1f} / {per.get('teacher', 0) + per.get('other', 0):.1f} / {per.get('fake_score', 0):.1f}"
-        print(f"| {name} | {it:.0f} | {net:.0f} | {passes} | {per.get('backward', 0):.2f} | {ratio:.3f} |")
+        print(f"| {name} | {it:.0f} | {net:.0f} | {passes} | {per.get('text', 0):.1f} | {per.get('backward', 0):.2f} | {ratio:.3f} |")
 
 
 if __name__ == "__main__":

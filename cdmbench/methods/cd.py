@@ -94,8 +94,10 @@ class CD(Method):
         if self.target_net is not None:
             with torch.no_grad():
                 student = getattr(self.nets["student"], "module", self.nets["student"])
-                torch._foreach_lerp_(list(self.target_net.parameters()), [p.detach() for p in student.parameters()],
-                                     1 - self.config.target_decay)
+                # the target is a full replica (like the teacher); under FSDP2 the student's parameters
+                # are shards (DTensor), gathered here
+                full = [p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in student.parameters()]
+                torch._foreach_lerp_(list(self.target_net.parameters()), full, 1 - self.config.target_decay)
 
     def extra_state(self):
         out = {} if self.data is None else {"samples": self.data["samples"]}
