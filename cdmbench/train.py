@@ -195,7 +195,7 @@ class StudentEMA:
     @torch.no_grad()
     def update(self, decay: float) -> None:
         """values ← decay · values + (1 − decay) · parameters."""
-        torch._foreach_lerp_(self.values, [p.detach() for p in self.params], 1 - decay)
+        torch._foreach_lerp_(self.values, self.params, 1 - decay)  # under no_grad: params only read
 
     @contextmanager
     def _in_params(self):
@@ -313,6 +313,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
         sched = torch.optim.lr_scheduler.LambdaLR(opt, (lambda k, w=warm: min(1.0, k / w)) if warm else (lambda k: 1.0))
         method.nets[name], optimizers[name] = accelerator.prepare(method.nets[name], opt)
         schedulers[name] = sched
+    # each optimiser's parameters, as prepared (FSDP2 swaps in sharded ones); listed once, not per update
+    trainable = {name: [p for p in method.nets[name].parameters() if p.requires_grad] for name in specs}
     ema = StudentEMA(method.nets["student"])
     counts = {name: 0 for name in specs}
     prev_minutes = 0.0
@@ -380,10 +382,11 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
                 if not torch.isfinite(loss):
                     raise NonFiniteError(f"non-finite {name} loss ({loss.item()}) at iteration {step}; "
                                          f"training stopped, last good checkpoint: {last_good}")
-                for net in method.nets.values():
-                    net.zero_grad(set_to_none=True)
+                for ps in trainable.values():  # every network's gradients (= zero_grad(set_to_none=True))
+                    for p in ps:
+                        p.grad = None
                 accelerator.backward(loss)
-                params = [p for p in method.nets[name].parameters() if p.requires_grad]
+                params = trainable[name]
                 if tc.grad_clip > 0:
                     gn = accelerator.clip_grad_norm_(params, tc.grad_clip)
                 else:

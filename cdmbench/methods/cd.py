@@ -70,6 +70,7 @@ class CD(Method):
         self.grid = make_schedule(nominal, backbone.shift_sigmas).sigmas(backbone.device)  # (solver_steps + 1,)
         self.data: dict | None = None
         self.target_net = None
+        self._ema_pairs = None  # (target params, student params) for the EMA update
         if training and config.target is Target.EMA:
             self.target_net = copy.deepcopy(self.nets["student"]).eval().requires_grad_(False)
 
@@ -93,11 +94,14 @@ class CD(Method):
     def after_update(self, name: str) -> None:
         if self.target_net is not None:
             with torch.no_grad():
-                student = getattr(self.nets["student"], "module", self.nets["student"])
+                if self._ema_pairs is None:  # listed once (module traversal costs more than the lerp)
+                    student = getattr(self.nets["student"], "module", self.nets["student"])
+                    self._ema_pairs = (list(self.target_net.parameters()), list(student.parameters()))
+                target, live = self._ema_pairs
                 # the target is a full replica (like the teacher); under FSDP2 the student's parameters
                 # are shards (DTensor), gathered here
-                full = [p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in student.parameters()]
-                torch._foreach_lerp_(list(self.target_net.parameters()), full, 1 - self.config.target_decay)
+                full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in live]
+                torch._foreach_lerp_(target, full, 1 - self.config.target_decay)
 
     def extra_state(self):
         out = {} if self.data is None else {"samples": self.data["samples"]}
