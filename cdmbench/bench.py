@@ -91,9 +91,9 @@ def train_or_keep(method: str, arch: str, run_dir: Path, progress: bool = True) 
     done = run_dir / "done.json"
     note = ""
     if done.is_file():
-        saved = read_json(run_dir / "config.json")
+        saved = read_json(run_dir / "config.json", what="run config")
         want = cfg.to_dict()
-        if saved["method_config"] != want["method_config"] or saved["train"] != want["train"]:
+        if not isinstance(saved, dict) or (saved.get("method_config"), saved.get("train")) != (want["method_config"], want["train"]):
             note = " (kept; not the default budget)"
     else:
         resume = latest_checkpoint(run_dir) is not None
@@ -103,7 +103,8 @@ def train_or_keep(method: str, arch: str, run_dir: Path, progress: bool = True) 
             shutil.rmtree(run_dir)  # a run killed before its first checkpoint: nothing to resume, start over
         train(cfg, run_dir, resume=resume, progress=progress)
         note = " (resumed)" if resume else ""
-    minutes = read_json(done).get("train_minutes")
+    marker = read_json(done, what="finished marker")
+    minutes = marker.get("train_minutes") if isinstance(marker, dict) else None
     return f"{minutes:.1f}{note}" if isinstance(minutes, (int, float)) else f"?{note}"
 
 

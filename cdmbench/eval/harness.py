@@ -43,7 +43,8 @@ from cdmbench.eval.generate import (
     read_pngs,
     shard,
 )
-from cdmbench.io import read_json, write_json
+from cdmbench.io import locked, read_json, write_json
+from cdmbench.paths import MAX_BATCH, MAX_INT, MAX_PROMPTS, MAX_SEEDS, MAX_STEPS, check_count, check_device, check_name
 from cdmbench.prompts import Prompt
 
 RESULTS = "results.csv"
@@ -121,10 +122,16 @@ class EvalConfig:
             name, sep, target = str(e).partition("=")
             if not sep or not name.strip() or not target.strip():
                 raise CdmbenchError(f"external: expected NAME=PATH_OR_ID, got {e!r}")
-        try:
-            torch.device(self.device)
-        except (RuntimeError, TypeError) as e:
-            raise CdmbenchError(f"device: {self.device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from e
+            check_name(name.strip(), "external NAME")  # it becomes a folder under images/
+        for r in self.runs or ():
+            check_name(r, "runs")
+        check_count(self.num_prompts, "num_prompts", maximum=MAX_PROMPTS)
+        check_count(self.batch_size, "batch_size", maximum=MAX_BATCH)
+        if max(self.steps) > MAX_STEPS or max(self.teacher_steps or (1,)) > MAX_STEPS:
+            raise CdmbenchError(f"steps: at most {MAX_STEPS} sampler steps")
+        if len(self.seeds) > MAX_SEEDS or max(self.seeds) > MAX_INT:
+            raise CdmbenchError(f"seeds: at most {MAX_SEEDS} seeds, each <= {MAX_INT}")
+        check_device(self.device, "device")
 
     @property
     def out_dir(self) -> Path:
@@ -167,9 +174,9 @@ class RunSource:
 
     @property
     def config(self):
-        from cdmbench.train import RunConfig
+        from cdmbench.resume import read_run_config
 
-        return RunConfig.from_dict(read_json(self.run_dir / "config.json"))
+        return read_run_config(self.run_dir)
 
     def sampler(self, backbone, hashes: "FileHashes") -> "StudentSampler":
         return StudentSampler(self, backbone, hashes)
@@ -206,7 +213,7 @@ class StudentSampler:
         self.hash = hashes.sha256(self.weights)
         label = f"{source.checkpoint_dir.name} sha256:{self.hash[:12]}"
         if not source.finished:
-            step = read_json(source.checkpoint_dir / "meta.json").get("step")
+            step = read_json(source.checkpoint_dir / "meta.json", what="checkpoint meta").get("step")
             label += f" (unfinished run: latest checkpoint, iteration {step} of {cfg.train.steps})"
         self.label = label
         self.loaded = False
@@ -227,7 +234,8 @@ class StudentSampler:
             from cdmbench.io import load_safetensors
 
             # strict, through the backbone: a full state dict, or LoRA adapters for a LoRA run
-            self.method.nets["student"] = self.backbone.load_net(load_safetensors(self.weights))
+            self.method.nets["student"] = self.backbone.load_net(load_safetensors(
+                self.weights, fix="resume the run's training (it falls back to an intact checkpoint) or retrain"))
             self.loaded = True
         return self.method.sample(noise, cond, steps, rng)
 
@@ -278,7 +286,10 @@ class FileHashes:
 
     def __init__(self, path: Path):
         self.path = path
-        self.table: dict = read_json(path) if path.is_file() else {}
+        try:
+            self.table: dict = read_json(path) if path.is_file() else {}
+        except CdmbenchError:  # a cache: a damaged one is rebuilt
+            self.table = {}
 
     def sha256(self, file: Path) -> str:
         st = file.stat()
@@ -336,10 +347,10 @@ class _Eval:
                     self.note(f"skipping run {d.parent.name}: no checkpoint yet")
         runs: list[RunSource] = []
         for n in names:
-            from cdmbench.train import RunConfig
+            from cdmbench.resume import read_run_config
 
             d = available[n]
-            saved = RunConfig.from_dict(read_json(d / "config.json"))
+            saved = read_run_config(d)
             # gradient checkpointing only matters for training; without it runs share the teacher's backbone
             opts = dataclasses.replace(saved.backbone, device=cfg.device, gradient_checkpointing=False)
             finished = (d / "done.json").is_file()
@@ -474,7 +485,6 @@ def generate(cfg: EvalConfig, *, process_index: int = 0, num_processes: int = 1,
 def _generate(ev: _Eval, process_index: int, num_processes: int, on_image: OnImage | None) -> int:
     cfg = ev.cfg
     shard([], process_index, num_processes)  # validate the split
-    records = ev.manifest.read()
     written = 0
     with _progress(cfg.progress) as bar:
         for source, backbone, sampler, plans in ev.walk(with_sampler=True):
@@ -482,13 +492,15 @@ def _generate(ev: _Eval, process_index: int, num_processes: int, on_image: OnIma
             for plan in plans:
                 if plan.skipped:
                     continue
-                todo = missing_items(plan, mine, records, ev.out)
-                if not todo:
-                    continue
-                task = bar.add_task(f"generate {plan.run} @ {plan.steps} steps", total=len(todo))
-                written += generate_images(sampler, plan, backbone, todo, ev.out, ev.manifest,
-                                           batch_size=cfg.batch_size, process_index=process_index,
-                                           on_image=on_image, advance=lambda k, t=task: bar.advance(t, k))
+                # plan-and-claim under a lock: a second eval of this share waits, then finds the images made
+                with locked(ev.out / "cache" / "locks" / f"{plan.run}@{plan.steps}-{process_index}of{num_processes}"):
+                    todo = missing_items(plan, mine, ev.manifest.read(), ev.out)
+                    if not todo:
+                        continue
+                    task = bar.add_task(f"generate {plan.run} @ {plan.steps} steps", total=len(todo))
+                    written += generate_images(sampler, plan, backbone, todo, ev.out, ev.manifest,
+                                               batch_size=cfg.batch_size, process_index=process_index,
+                                               on_image=on_image, advance=lambda k, t=task: bar.advance(t, k))
             del sampler  # free the student before the next source builds its own
     return written
 
@@ -535,8 +547,8 @@ def _score(ev: _Eval) -> Path:
                 rows = _score_plan(ev, plan, records, names, options, metric)
                 frame = normalize(pd.DataFrame(rows, columns=list(RESULT_COLUMNS)))
                 new = [r for r in frame.to_dict("records") if _row_key(r) not in have]
-                if new:
-                    append_rows(results, new)
+                if new:  # keyed: rows another eval appended meanwhile are not written twice
+                    append_rows(results, new, key=_row_key)
                     have.update(_row_key(r) for r in new)
                 bar.advance(task)
     return results
@@ -569,7 +581,7 @@ def _score_plan(ev: _Eval, plan: Plan, records: dict, names: list[str], options,
         key = _score_key(plan, n, image_set, options)
         cached = ev.out / "cache" / "scores" / f"{key}.json"
         if cached.is_file():
-            rows[n] = _row(plan, n, cls.higher_is_better, status="ok", **read_json(cached))
+            rows[n] = _row(plan, n, cls.higher_is_better, status="ok", **_read_score(cached))
         else:
             todo.append((n, cls, cached))
     if todo:
@@ -589,6 +601,17 @@ def _score_plan(ev: _Eval, plan: Plan, records: dict, names: list[str], options,
             write_json(path, entry)  # atomic: a kill leaves no half entry
             rows[n] = _row(plan, n, cls.higher_is_better, status="ok", **entry)
     return [rows[n] for n in names]
+
+
+def _read_score(path: Path) -> dict:
+    """A cached score entry; a damaged one is one line naming the file (delete it to recompute)."""
+    from cdmbench.errors import CorruptStateError
+
+    entry = read_json(path, what="score cache entry", fix="delete it to compute the score again")
+    keys = {"value", "ci_low", "ci_high", "n", "protocol", "timestamp"}
+    if not isinstance(entry, dict) or set(entry) != keys:
+        raise CorruptStateError(f"score cache entry {path} is incomplete; delete it to compute the score again")
+    return entry
 
 
 def _row(plan: Plan, metric: str, higher_is_better: bool, *, status: str, timestamp: str, value: float = math.nan,
