@@ -210,6 +210,17 @@ class DiffusersBackbone(Backbone):
         z = latents.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
         return ((vae.decode(z, return_dict=False)[0].float() + 1) / 2).clamp(0, 1)
 
+    @torch.no_grad()
+    def _vae_encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] → normalised VAE latents (the posterior mean): (z − shift)·scale."""
+        vae = self.pipe.vae
+        z = vae.encode((images * 2 - 1).to(self.device, vae.dtype), return_dict=False)[0].mode()
+        return (z.float() - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+
+    @property
+    def image_resolution(self) -> int:
+        return self.resolution
+
     def trainable_copy(self) -> nn.Module:
         """Full fine-tuning: an fp32 copy of the teacher. LoRA (``lora_rank > 0``): a copy of the teacher in its
         own dtype, frozen, with fp32 peft adapters on ``lora_target_modules`` as the only trainable weights."""
@@ -317,13 +328,18 @@ class SD3Backbone(DiffusersBackbone):
     def velocity(self, net: nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
         dtype = next(net.parameters()).dtype
         return net(
-            hidden_states=x.to(dtype), timestep=(self.pipe.scheduler.config.num_train_timesteps * sigma).to(dtype),
+            # fp32 timesteps whatever the network dtype, as the SD3 pipeline passes them (bf16 would round 1000·σ
+            # to steps of 4); the time embedding computes its sinusoids in fp32 and casts after
+            hidden_states=x.to(dtype), timestep=self.pipe.scheduler.config.num_train_timesteps * sigma.float(),
             encoder_hidden_states=cond.batched["embeds"].to(dtype),
             pooled_projections=cond.batched["pooled"].to(dtype), return_dict=False,
         )[0]
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self._vae_decode(latents)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        return self._vae_encode(images)
 
     def inference_recipe(self) -> dict[str, dict[str, Any]]:
         recipe = super().inference_recipe()
