@@ -18,7 +18,7 @@ from torch import nn
 
 from cdmbench.backbones import BACKBONES
 from cdmbench.backbones.base import BackboneOptions, Cond
-from cdmbench.backbones.sd3 import DiffusersBackbone
+from cdmbench.backbones.diffusers import DiffusersBackbone
 from cdmbench.errors import CdmbenchError
 
 
