@@ -156,27 +156,26 @@ def open_dataset(spec: str):
     raise CdmbenchError(f"train.data: {spec} is not an image-caption dataset; pass {forms}")
 
 
+def _column(feats, given: str | None, kind: str, candidates: list[str]) -> str:
+    """``given`` if it is a column, else the first of ``candidates``; one-line errors naming the setting."""
+    setting = f"train.data_{kind}_column"
+    if given is not None:
+        if given not in feats:
+            raise CdmbenchError(f"{setting}={given!r} is not a column; valid: {', '.join(feats)}")
+        return given
+    if not candidates:
+        raise CdmbenchError(f"train.data: no {kind} column among {', '.join(feats)}; set {setting}")
+    return candidates[0]
+
+
 def _columns(ds, image_column: str | None, caption_column: str | None) -> tuple[str, str]:
     from datasets import Image, Value
 
     feats = ds.features
-    if image_column is None:
-        images = [k for k, f in feats.items() if isinstance(f, Image)]
-        if not images:
-            raise CdmbenchError(f"train.data: no image column (columns: {', '.join(feats)}); "
-                                f"set train.data_image_column")
-        image_column = images[0]
-    elif image_column not in feats:
-        raise CdmbenchError(f"train.data_image_column={image_column!r} is not a column; valid: {', '.join(feats)}")
-    if caption_column is None:
-        found = [c for c in CAPTION_COLUMNS if isinstance(feats.get(c), Value) and feats[c].dtype in ("string", "large_string")]
-        if not found:
-            raise CdmbenchError(f"train.data: no caption column ({'/'.join(CAPTION_COLUMNS)}) among "
-                                f"{', '.join(feats)}; set train.data_caption_column")
-        caption_column = found[0]
-    elif caption_column not in feats:
-        raise CdmbenchError(f"train.data_caption_column={caption_column!r} is not a column; valid: {', '.join(feats)}")
-    return image_column, caption_column
+    images = [k for k, f in feats.items() if isinstance(f, Image)]
+    texts = [c for c in CAPTION_COLUMNS
+             if isinstance(feats.get(c), Value) and feats[c].dtype in ("string", "large_string")]
+    return _column(feats, image_column, "image", images), _column(feats, caption_column, "caption", texts)
 
 
 def load_image(image, resolution: int) -> torch.Tensor:
