@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+import typer.core
 
 from cdmbench.errors import CdmbenchError
 
@@ -36,7 +37,34 @@ def _registry_enum(kind: str) -> type[enum.Enum]:
 MethodName = _registry_enum("method")
 ArchName = _registry_enum("backbone")
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+class _OneLineErrors(typer.core.TyperGroup):
+    """Usage errors (a bad option value, an unknown option or command) as one line, like every other error:
+    ``error: <what is wrong> (see `cdmbench CMD --help`)``, exit code 2; no usage block or error panel."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        from typer._click import exceptions as cx  # typer vendors click; its exception classes live here
+
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except cx.NoArgsIsHelpError as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except cx.UsageError as e:
+            where = e.ctx.command_path if e.ctx is not None else "cdmbench"
+            typer.echo(f"error: {_one_line(e.format_message())} (see `{where} --help`)", err=True)
+            sys.exit(e.exit_code)
+        except cx.ClickException as e:
+            typer.echo(f"error: {_one_line(e.format_message())}", err=True)
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            typer.echo("aborted", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+app = typer.Typer(cls=_OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="cdmbench: train few-step distilled students, evaluate them across step counts, report.")
 toy_app = typer.Typer(no_args_is_help=True, help="Rebuild the embedded toy backbone's shipped weights.")
 app.add_typer(toy_app, name="toy")
@@ -302,7 +330,20 @@ def toy_train_teacher(
     init: Optional[Path] = typer.Option(None, "--init", help="Continue from this teacher file."),
 ):
     """Reproduce the shipped toy teacher from a seed (see cdmbench/toy/train_teacher.py)."""
+    import math
+
+    from cdmbench.paths import MAX_INT, MAX_TRAIN_STEPS, check_count, check_writable_dir
     from cdmbench.toy.train_teacher import train_teacher
+
+    check_count(steps, "--steps", maximum=MAX_TRAIN_STEPS)
+    check_count(seed, "--seed", minimum=0, maximum=MAX_INT)
+    if not (math.isfinite(lr) and lr > 0):
+        raise CdmbenchError(f"--lr must be a positive number, got {lr}")
+    if init is not None and not init.is_file():
+        raise CdmbenchError(f"--init: no teacher file at {init}")
+    if out.is_dir():
+        raise CdmbenchError(f"--out {out} is a folder; pass the teacher's .safetensors file path")
+    check_writable_dir(out.parent, "--out")
 
     typer.echo(json.dumps(train_teacher(out, steps=steps, seed=seed, lr=lr, init=init), indent=2))
 
@@ -314,7 +355,11 @@ def toy_train_evaluators(
     seed: int = typer.Option(0, "--seed"),
 ):
     """Reproduce the shipped toy evaluators (classifier, tiny CLIP, FID reference statistics)."""
+    from cdmbench.paths import MAX_INT, check_count, check_writable_dir
     from cdmbench.toy.train_evaluators import train_all
+
+    check_count(seed, "--seed", minimum=0, maximum=MAX_INT)
+    check_writable_dir(out_dir, "--out-dir")
 
     typer.echo(json.dumps(train_all(out_dir, seed=seed), indent=2, default=str))
 

@@ -124,7 +124,7 @@ def load_exported_pipeline(path: str | os.PathLike, *, allow_remote_code: bool =
     import diffusers
 
     from cdmbench.backbones import BACKBONES
-    from cdmbench.backbones.sd3 import DiffusersBackbone
+    from cdmbench.backbones.diffusers import DiffusersBackbone
     from cdmbench.io import read_json
 
     path = Path(path)

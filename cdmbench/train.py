@@ -161,6 +161,8 @@ def _adamw(params: list[torch.nn.Parameter], spec) -> torch.optim.AdamW:
     from torch.optim.optimizer import _device_dtype_check_for_fused  # the check AdamW(fused=True) runs at step 1
 
     kw = dict(lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay, eps=spec.eps)
+    if not spec.warmup >= 0:
+        raise CdmbenchError(f"optimizer warm-up must be >= 0 steps, got {spec.warmup} (check --set warmup)")
     try:
         torch.optim.AdamW([torch.zeros(1, requires_grad=True)], **kw)  # torch's own checks of the settings
     except (ValueError, TypeError, IndexError) as e:

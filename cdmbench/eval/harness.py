@@ -393,6 +393,7 @@ class _Eval:
                 f"nothing to evaluate: no trained runs in {Path(cfg.workspace) / 'runs'}; train one with "
                 f"`cdmbench train METHOD`, or pass --arch to evaluate the teacher alone"
             )
+        self._check_state(externals, runs)
         self.prompts = {arch: self._prompts(arch) for arch in dict.fromkeys(s.arch for s in self.sources)}
         self.hashes = FileHashes(self.out / "cache" / "file_hashes.json")
         self.manifest = Manifest(self.out / MANIFEST)
@@ -401,6 +402,25 @@ class _Eval:
             self.groups.setdefault((src.arch, src.options), []).append(src)
         self._plans: dict[str, list[Plan]] = {}
         self._loaded: tuple = (None, None)  # (group key, backbone)
+
+    def _check_state(self, externals: list, runs: list) -> None:
+        """Before anything is generated: every run's checkpoint verifies (headers, recorded sizes), every
+        external path exists, and an existing results file reads (corruption is one line, not half an eval)."""
+        from cdmbench.checkpoint import verify_checkpoint
+        from cdmbench.errors import CorruptStateError
+        from cdmbench.eval.results import read_results
+
+        for r in runs:
+            bad = verify_checkpoint(r.checkpoint_dir)
+            if bad:
+                raise CorruptStateError(f"run {r.name!r}: its latest checkpoint cannot be used: {bad}; resume its "
+                                        f"training (`cdmbench train ... --resume` falls back to an intact checkpoint)")
+        for e in externals:
+            m = str(e.options.model)
+            if (m.startswith((".", "/", "~")) or m.count("/") > 1) and not Path(m).expanduser().exists():
+                raise CdmbenchError(f"external {e.name!r}: {m} does not exist (a local pipeline folder, or a hub id)")
+        if (self.out / RESULTS).is_file():
+            read_results(self.out / RESULTS)
 
     def _prompts(self, arch: str) -> list[Prompt]:
         from cdmbench.prompts import load_prompt_set

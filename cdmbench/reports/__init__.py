@@ -60,6 +60,10 @@ def build_report(
     df = tables.load_results(results_path)
     if df.empty:
         raise CdmbenchError(f"results file {results_path} has no rows")
+    manifest = None
+    if images_root is not None:  # read every input before the first file is written
+        manifest_path, root = find_manifest(images_root)
+        manifest = read_manifest(manifest_path)
     metric_tables = tables.metric_tables(df)
     tables.write_csvs(metric_tables, df, out_dir / "tables")
     teacher = set(df.loc[df["method"] == tables.TEACHER_METHOD, "label"])
@@ -69,9 +73,7 @@ def build_report(
             plots.plot_metric(t, out_dir / "plots" / f"{t.key}.png", teacher)
             plot_paths[t.key] = f"plots/{t.key}.png"
     grids = {}
-    if images_root is not None:
-        manifest_path, root = find_manifest(images_root)
-        manifest = read_manifest(manifest_path)
+    if manifest is not None:
         archs = [a for a in dict.fromkeys(manifest["arch"])]
         for arch in archs:
             name = "grid.png" if len(archs) == 1 else f"grid_{tables.safe_name(arch)}.png"
