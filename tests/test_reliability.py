@@ -198,7 +198,7 @@ def test_report_reads_a_manifest_with_a_torn_line(tmp_path):
 
 def test_two_concurrent_evals_make_each_image_once_and_no_duplicate_rows(tmp_path):
     args = [sys.executable, "-m", "cdmbench.cli", "eval", "--workspace", str(tmp_path), "--arch", "toy",
-            "--steps", "1", "--teacher-steps", "2", "--prompts", "toy", "--num-prompts", "6", "--seeds", "0-1",
+            "--steps", "1", "--teacher-steps", "1,2", "--prompts", "toy", "--num-prompts", "6", "--seeds", "0-1",
             "--metrics", "fid,attr_acc", "--batch-size", "4", "--quiet"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     procs = [subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
