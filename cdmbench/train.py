@@ -110,7 +110,10 @@ class PromptSource:
             p = Path(path)
             if not p.is_file():
                 raise CdmbenchError(f"train.prompts: no such file {path!r}")
-            self.lines = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
+            try:
+                self.lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+            except UnicodeDecodeError as e:
+                raise CdmbenchError(f"train.prompts: {path!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
             if len(self.lines) < num_processes:
                 raise CdmbenchError(f"train.prompts: {path!r} has {len(self.lines)} prompts; need at least one per process")
 

@@ -86,6 +86,8 @@ CASES: dict[str, Case] = {}
 
 def case(name, *args, **kw):
     assert name not in CASES, name
+    if name.startswith("report/"):
+        kw.setdefault("trained", False)  # reports need no run
     CASES[name] = Case(list(args), **kw)
 
 
@@ -114,11 +116,14 @@ for s, m in [("foo", "key=value"), ("unknown=1", "unknown setting"), ("guidance=
     case(f"train/set {s}", *TRAIN, "--set", s, match=m)
 for v in ("../x", "../../x", "/abs/x", ".", "..", "a/b", ".hidden", "", "x" * 300, "a b"):
     case(f"train/run-name={v[:20]!r}", *TRAIN, "--run-name", v, match="--run-name")
-for v in ("tpu", "cuda", "cuda:x", "", "gpu:0"):
+for v in ("tpu", "cuda:99", "cuda:x", "", "gpu:0"):
     case(f"train/device={v!r}", *TRAIN, "--device", v, match="--device")
 case("train/dtype=int8", *TRAIN, "--dtype", "int8", match="dtype")
 case("train/lora-rank=-1", *TRAIN, "--lora-rank", "-1", match="lora_rank")
 case("train/lora-rank=abc", *TRAIN, "--lora-rank", "abc", match="lora-rank")
+case("train/prompts-binary", *TRAIN, "--set", "train.prompts={ws}/binary.txt", match="binary.txt")
+case("train/prompts-empty", *TRAIN, "--set", "train.prompts={ws}/empty.txt", match="empty.txt")
+case("train/prompts-a-folder", *TRAIN, "--set", "train.prompts={ws}", match="no such file")
 case("train/force-without-resume", *TRAIN, "--force", match="--force")
 case("train/toy-remote-code", *TRAIN, "--allow-remote-code", match="remote code")
 case("train/sd3-missing-model", "train", "cdm", "--arch", "sd3", "--workspace", "{ws}", "--model", "/nonexistent/sd3",
@@ -176,6 +181,7 @@ case("eval/prompts-empty", *EVAL[:-1], "", match="prompts")
 case("eval/prompts-missing-file", *EVAL[:-1], "/nonexistent/p.txt", match="neither an existing file")
 case("eval/prompts-empty-file", *EVAL[:-1], "{ws}/empty.txt", setup=None, match="is empty")
 case("eval/prompts-bad-jsonl", *EVAL[:-1], "{ws}/bad.jsonl", match="not valid JSON")
+case("eval/prompts-binary", *EVAL[:-1], "{ws}/binary.txt", match="not UTF-8")
 case("eval/prompts-bad-suffix", *EVAL[:-1], "{ws}/p.xyz", match="neither an existing file|unsupported suffix")
 for v, m in [("noequals", "NAME=PATH"), ("=x", "NAME=PATH|not a plain name"), ("name=", "NAME=PATH"),
              ("../../../esc=some/model", "--external NAME"), ("a/b=some/model", "--external NAME"),
@@ -184,7 +190,7 @@ for v, m in [("noequals", "NAME=PATH"), ("=x", "NAME=PATH|not a plain name"), ("
     case(f"eval/external={v}", *EVAL, "--external", v, match=m)
 case("eval/external-without-arch", "eval", "--workspace", "{ws}", "--quiet", "--external", "e=some/model",
      match="--arch is needed")
-for v in ("tpu", "cuda", "", "cuda:x"):
+for v in ("tpu", "cuda:99", "", "cuda:x"):
     case(f"eval/device={v!r}", *EVAL, "--device", v, match="--device")
 case("eval/arch-unknown", *EVAL, "--arch", "nope", match="nope")
 case("eval/nothing-to-evaluate", "eval", "--workspace", "{ws}", "--quiet", match="nothing to evaluate")
@@ -291,6 +297,7 @@ def _prepare_prompt_files(ws: Path):
     (ws / "empty.txt").write_text("")
     (ws / "bad.jsonl").write_text('{"caption": "x"}\n{not json\n')
     (ws / "p.xyz").write_text("a prompt\n")
+    (ws / "binary.txt").write_bytes(b"\xff\xfe\x00\x81" * 50)
 
 
 @pytest.fixture(scope="module")

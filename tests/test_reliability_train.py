@@ -80,6 +80,9 @@ def test_resume_from_a_corrupt_checkpoint_continues_from_the_previous_one_exactl
     run = _copy(finished, tmp_path)
     original = load_checkpoint(finished / "checkpoints" / "step_0000003")[0]
     _truncate(run / "checkpoints" / "step_0000003" / "student_ema.safetensors")
+    torn = run / "checkpoints" / "step_0000004.tmp"  # a kill -9 during a checkpoint write leaves this
+    torn.mkdir()
+    (torn / "student.safetensors").write_bytes(b"\x00" * 10)
     with caplog.at_level("WARNING"):
         final = train(_cfg(), run, resume=True, progress=False)
     assert "resuming from step_0000002 instead" in caplog.text
@@ -87,7 +90,7 @@ def test_resume_from_a_corrupt_checkpoint_continues_from_the_previous_one_exactl
     for net in original:  # the redone iteration is the one the uninterrupted run did
         for k in original[net]:
             torch.testing.assert_close(again[net][k], original[net][k], atol=0, rtol=0)
-    assert (run / "done.json").is_file() and latest_checkpoint(run) == final
+    assert (run / "done.json").is_file() and latest_checkpoint(run) == final and not torn.exists()
 
 
 def test_no_intact_checkpoint_is_one_line(finished, tmp_path):
