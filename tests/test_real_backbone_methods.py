@@ -93,7 +93,8 @@ def test_dmd2_gan_without_real_data_is_one_clear_line(tiny_sd3_dir, tmp_path):  
                          capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
                                                               "PYTHONPATH": ":".join(sys.path)})
     assert res.returncode == 2, res.stderr[-2000:]
-    lines = res.stderr.strip().splitlines()
+    # what is left after the loading progress bars of diffusers / transformers (the weights did load)
+    lines = [ln for ln in res.stderr.replace("\r", "\n").splitlines() if ln.strip() and "it/s]" not in ln]
     assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
     assert "dmd2 (gan_weight > 0) needs real training images" in lines[0] and "--set train.data=PATH" in lines[0]
     assert not (tmp_path / "runs").exists()
