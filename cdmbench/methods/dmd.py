@@ -9,12 +9,12 @@ the pairs are made with the real score's CFG unless ``pair_guidance`` says other
 DM terms pull toward the same teacher. Regression distance: LPIPS on decoded images resized to
 ``lpips_resolution`` for image backbones.
 
-Deviations from the paper (SD1.5, arXiv 2311.18828 §4): SD3-class backbones run the SD1.5 recipe
+Deviations from the paper (its SD1.5 setting): SD3-class backbones run the SD1.5 recipe
 (real-score CFG 3, λ_reg 0.25, σ ∈ [0.02, 0.98], pairs from a 28-step Euler ODE, 10k pairs); the pair set's
-size and the real-score CFG are *verify* against the paper (baselines.md A1.4); LPIPS is torchmetrics' VGG
-LPIPS at 256 px (DMD: VGG LPIPS at full 512 px). Toy preset: MSE on decoded images instead of LPIPS (no
-pretrained LPIPS network offline; the toy evaluators' features would leak the metric into training),
-512 pairs, CFG 2, larger learning rates.
+size and the real-score CFG are *verify* against the paper (baselines.md A1.4); LPIPS is torchmetrics'
+VGG LPIPS on images resized to 256 px (DMD's LPIPS network and resolution: *verify*). Toy preset: MSE on
+decoded images instead of LPIPS (no pretrained LPIPS network offline; the toy evaluators' features would
+leak the metric into training), 512 pairs, CFG 2, larger learning rates.
 """
 
 from __future__ import annotations
