@@ -116,7 +116,7 @@ def as_run_summary(run_dir: Path) -> str:
     rec = read_json(Path(run_dir) / "config.json").get("as_run")
     if not rec:
         return "? (run recorded before cdmbench recorded it)"
-    lrs = " / ".join(f"{k} {v:g}" for k, v in rec["learning_rates"].items())
+    lrs = " / ".join(f"{k} {v:g}" for k, v in sorted(rec["learning_rates"].items(), key=lambda kv: kv[0] != "student"))
     return f"{rec['global_batch']} ({rec['world_size']} × {rec['batch_per_process']} × {rec['grad_accum']}), lr {lrs}"
 
 
