@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from cdmbench.registry import Registry
 
-METRICS: Registry = Registry("metric")
+METRICS: Registry = Registry("metric", entry_point_group="cdmbench.metrics")
 register = METRICS.register
 
 from cdmbench.eval.metrics.base import (  # noqa: E402
