@@ -20,7 +20,10 @@ from cdmbench.eval.metrics.base import (  # noqa: E402
     PerImageMetric,
     bootstrap_ci,
 )
-from cdmbench.eval.metrics import aesthetic, attr_acc, clip_score, fid, hps, image_reward, pickscore  # noqa: E402,F401  (register)
+from cdmbench.eval.metrics import (  # noqa: E402,F401  (register)
+    aesthetic, attr_acc, clip_score, detail, factor_coverage, fid, hps, image_reward, lpips_div, pickscore, prdc,
+    teacher_fd, vendi,
+)
 
 
 def build_metric(name: str, backbone_name: str, options: MetricOptions | None = None) -> Metric:

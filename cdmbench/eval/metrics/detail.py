@@ -59,3 +59,60 @@ def detail_ratio_score(share, reference_share) -> np.ndarray:
         raise CdmbenchError("the reference images have no high-frequency energy; the detail ratio is undefined")
     r = s / ref
     return np.where(r > 0, np.minimum(r, 1.0 / np.maximum(r, 1e-300)), 0.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# The registered metric
+
+from typing import Callable, ClassVar  # noqa: E402
+
+from cdmbench.eval.metrics import METRICS  # noqa: E402
+from cdmbench.eval.metrics.base import Applicability, MetricOptions, PerImageMetric, backbone_domain  # noqa: E402
+
+ReferenceShare = Callable[[str, tuple | None], float]  # (prompt, attrs) -> mean high-frequency share of its real images
+
+
+@METRICS.register("detail")
+class Detail(PerImageMetric):
+    """Fine detail: per image min(r, 1/r), r = high-frequency energy share / that of real images of its prompt.
+
+    Args:
+        reference_share: (prompt, attrs) → mean ``high_frequency_share`` of real images of that prompt.
+        protocol: identity of the reference.
+        cutoff: radial frequency (cycles per pixel) above which energy counts as fine detail.
+    """
+
+    higher_is_better: ClassVar[bool] = True
+
+    def __init__(self, reference_share: ReferenceShare, protocol: str, cutoff: float = DEFAULT_CUTOFF):
+        super().__init__()
+        self.reference_share, self.cutoff = reference_share, cutoff
+        self.protocol = f"detail|hf-share>{cutoff}|min(r,1/r)|{protocol}"
+
+    @classmethod
+    def applies_to(cls, backbone_name: str) -> Applicability:
+        if backbone_domain(backbone_name) != "shapes":
+            return Applicability(False, "needs real images of each prompt; only the toy renders them")
+        return Applicability(True)
+
+    def score_batch(self, images, prompts, attrs):
+        rows = [None] * len(prompts) if attrs is None else [tuple(int(v) for v in a) for a in attrs]
+        ref = np.array([self.reference_share(p, a) for p, a in zip(prompts, rows)])
+        return detail_ratio_score(high_frequency_share(images, self.cutoff), ref)
+
+    @classmethod
+    def from_options(cls, backbone_name: str, options: MetricOptions | None = None) -> "Detail":
+        """toy: 32 real renders per caption (``cdmbench.toy.factors.reference_renders``)."""
+        cls._require_applicable(backbone_name)
+        from cdmbench.toy import factors
+
+        cache: dict = {}
+
+        def reference_share(prompt, attrs):
+            if attrs is None:
+                raise CdmbenchError("detail on the toy needs the prompts' attribute labels")
+            if (prompt, attrs) not in cache:
+                cache[(prompt, attrs)] = float(high_frequency_share(factors.reference_renders(prompt, attrs)).mean())
+            return cache[(prompt, attrs)]
+
+        return cls(reference_share, f"ref={factors.REFERENCE_SEEDS}-real-renders-per-caption")

@@ -56,3 +56,74 @@ def factor_w1(generated, reference, scales) -> np.ndarray:
 def prompt_coverage(generated, reference, scales) -> float:
     """d_p: the mean over factors of ``factor_w1`` for one prompt (lower is better)."""
     return float(factor_w1(generated, reference, scales).mean())
+
+
+# --------------------------------------------------------------------------------------------------
+# The registered metric
+
+from typing import Callable, ClassVar  # noqa: E402
+
+import torch  # noqa: E402
+
+from cdmbench.eval.metrics import METRICS  # noqa: E402
+from cdmbench.eval.metrics.base import Applicability, MetricOptions, MetricResult, backbone_domain  # noqa: E402
+from cdmbench.eval.metrics.sets import FeatureSet, per_prompt_result  # noqa: E402
+
+FactorPredictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (images, attrs (B, 4)) -> (B, F) factors
+FactorReference = Callable[[str, tuple], np.ndarray]  # (prompt, attrs) -> (m, F) factors of real images of it
+
+
+@METRICS.register("factor_w1")
+class FactorW1(FeatureSet):
+    """Free-factor coverage: per prompt, mean over free factors of W1(seeds, real renders) / spread; mean over prompts.
+
+    Args:
+        predict: images and their captions' attrs → (B, F) free factors (the toy's ``FactorRegressor``).
+        reference: (prompt, attrs) → (m, F) factors of real images of that prompt, read by the same predictor.
+        scales: (F,) spread of each factor.
+        protocol: identity of the predictor and reference.
+    """
+
+    higher_is_better: ClassVar[bool] = False
+    per_image: ClassVar[bool] = True  # one value per prompt
+
+    def __init__(self, predict: FactorPredictor, reference: FactorReference, scales, protocol: str):
+        self.predict, self.reference = predict, reference
+        self.scales = np.asarray(scales, dtype=np.float64)
+        self.protocol = f"factor_w1|{protocol}|per-prompt-mean"
+        self.reset()
+
+    @classmethod
+    def applies_to(cls, backbone_name: str) -> Applicability:
+        if backbone_domain(backbone_name) != "shapes":
+            return Applicability(False, "free factors are known only for the toy's procedural shapes")
+        return Applicability(True)
+
+    def extract(self, images, prompts, attrs):
+        if attrs is None:
+            raise CdmbenchError("factor_w1 needs attrs (B, 4): the prompts' attribute labels")
+        return self.predict(images, attrs).detach().double().cpu().numpy()
+
+    def compute(self) -> MetricResult:
+        f = self.features()
+        groups = self.require_seeds()
+        values = [prompt_coverage(f[ix], self.reference(p, self.attrs[ix[0]]), self.scales) for p, ix in groups.items()]
+        return per_prompt_result(values, f.shape[0])
+
+    @classmethod
+    def from_options(cls, backbone_name: str, options: MetricOptions | None = None) -> "FactorW1":
+        """The shipped toy free-factor regressor; 32 real renders per caption as its reference."""
+        cls._require_applicable(backbone_name)
+        from cdmbench.toy import factors
+
+        model = factors.load_factor_regressor()
+        cache: dict = {}
+
+        def reference(prompt, attrs):
+            if (prompt, attrs) not in cache:
+                imgs = factors.reference_renders(prompt, attrs)
+                cache[(prompt, attrs)] = model(imgs, torch.tensor([attrs] * imgs.shape[0])).numpy()
+            return cache[(prompt, attrs)]
+
+        protocol = f"{factors.FACTORS_VERSION}|ref={factors.REFERENCE_SEEDS}-real-renders-per-caption"
+        return cls(lambda images, attrs: model(images, attrs), reference, factors.reference_scales().numpy(), protocol)

@@ -136,3 +136,102 @@ def mean_pairwise_lpips(model: torch.nn.Module, images: torch.Tensor) -> float:
         raise CdmbenchError(f"intra-prompt LPIPS needs at least 2 images per prompt, got {images.shape[0]}")
     pairs = list(itertools.combinations(range(images.shape[0]), 2))
     return float(pairwise_lpips(model, lpips_features(model, images), pairs).mean())
+
+
+# --------------------------------------------------------------------------------------------------
+# The registered metric
+
+from typing import Any, ClassVar  # noqa: E402
+
+from cdmbench.eval.metrics import METRICS  # noqa: E402
+from cdmbench.eval.metrics.base import (  # noqa: E402
+    Applicability,
+    Metric,
+    MetricOptions,
+    MetricResult,
+    backbone_domain,
+    check_batch,
+)
+from cdmbench.eval.metrics.sets import MIN_SEEDS, MetricSkipped, per_prompt_result  # noqa: E402
+
+
+@METRICS.register("intra_lpips")
+class IntraLPIPS(Metric):
+    """Intra-prompt LPIPS (v0.1, AlexNet): mean distance over pairs of one prompt's seeds; mean over prompts.
+
+    A prompt's images must arrive together (the harness feeds them prompt-major); each prompt is scored when
+    the next one starts, so only one prompt's images are held.
+
+    Args:
+        model: an ``lpips.LPIPS`` module (``build_lpips`` / ``load_lpips``).
+        protocol: identity of its weights.
+    """
+
+    higher_is_better: ClassVar[bool] = True
+    per_image: ClassVar[bool] = True  # one value per prompt
+
+    def __init__(self, model: torch.nn.Module, protocol: str):
+        self.model = model.eval()
+        self.protocol = f"intra_lpips|{protocol}|all-pairs|per-prompt-mean"
+        self.reset()
+
+    @classmethod
+    def applies_to(cls, backbone_name: str) -> Applicability:
+        if backbone_domain(backbone_name) == "shapes":
+            return Applicability(False, "LPIPS's ImageNet trunk is not shipped and not meant for 32x32 shapes; "
+                                        "the toy's diversity is vendi and factor_w1")
+        return Applicability(True)
+
+    def reset(self) -> None:
+        self.values: dict[str, float] = {}
+        self.sizes: dict[str, int] = {}
+        self._prompt: str | None = None
+        self._pending: list[torch.Tensor] = []
+
+    def _flush(self) -> None:
+        if self._prompt is None:
+            return
+        images = torch.cat(self._pending)
+        self.sizes[self._prompt] = images.shape[0]
+        if images.shape[0] >= MIN_SEEDS:
+            self.values[self._prompt] = mean_pairwise_lpips(self.model, images)
+        self._prompt, self._pending = None, []
+
+    @torch.no_grad()
+    def update(self, images: torch.Tensor, prompts: list[str], attrs: torch.Tensor | None = None) -> None:
+        check_batch(images, prompts, attrs)
+        for i, p in enumerate(prompts):
+            if p != self._prompt:
+                self._flush()
+                if p in self.sizes:
+                    raise CdmbenchError(f"intra_lpips: the images of prompt {p!r} did not arrive together")
+                self._prompt = p
+            self._pending.append(images[i:i + 1].detach().float().cpu())
+
+    def compute(self) -> MetricResult:
+        self._flush()
+        if not self.sizes:
+            raise CdmbenchError("IntraLPIPS.compute called before any update")
+        fewest = min(self.sizes.values())
+        if fewest < MIN_SEEDS:
+            raise MetricSkipped(f"needs >= {MIN_SEEDS} seeds per prompt, got {fewest} (e.g. --seeds 0-4)")
+        return per_prompt_result(list(self.values.values()), sum(self.sizes.values()))
+
+    def state_dict(self) -> dict[str, Any]:
+        self._flush()
+        return {"protocol": self.protocol, "values": dict(self.values), "sizes": dict(self.sizes)}
+
+    def merge_state(self, state: dict[str, Any]) -> None:
+        self._check_state(state)
+        self._flush()
+        self.values.update(state["values"])
+        self.sizes.update(state["sizes"])
+
+    @classmethod
+    def from_options(cls, backbone_name: str, options: MetricOptions | None = None) -> "IntraLPIPS":
+        """``lpips_net`` (default alex) with its ImageNet trunk from ``lpips_trunk_path`` /
+        $CDMBENCH_LPIPS_TRUNK_PATH / torch's hub cache."""
+        cls._require_applicable(backbone_name)
+        options = options or MetricOptions()
+        model = load_lpips(options.lpips_net, options.lpips_trunk_path, options.device)
+        return cls(model, f"lpips-0.1.4|v0.1|{options.lpips_net}")

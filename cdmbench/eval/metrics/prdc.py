@@ -72,3 +72,106 @@ def prdc(real, fake, k: int = DEFAULT_K) -> PRDC:
         density=float(in_real_ball.sum() / (k * y.shape[0])),
         coverage=float(in_real_ball.any(axis=1).mean()),
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# The registered metrics: one per number, each against the same reference set
+
+import os  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Callable, ClassVar  # noqa: E402
+
+import torch  # noqa: E402
+
+from cdmbench.errors import MissingWeightsError  # noqa: E402
+from cdmbench.eval.metrics import METRICS  # noqa: E402
+from cdmbench.eval.metrics.base import MetricOptions, MetricResult, backbone_domain  # noqa: E402
+from cdmbench.eval.metrics.sets import Extractor, FeatureSet  # noqa: E402
+
+PRDC_REFERENCE_ENV = "CDMBENCH_PRDC_REF"
+# Reference features for the prompts and attrs seen: (prompts, attrs) -> (N, F). The toy renders real images of
+# the same captions; a natural-image backbone uses the features of a fixed folder of real images.
+ReferenceFeatures = Callable[[list[str], list], np.ndarray]
+
+
+class _PRDCMetric(FeatureSet):
+    """Shared body of the four PRDC metrics; ``which`` picks the number."""
+
+    which: ClassVar[str]
+    higher_is_better: ClassVar[bool] = True
+
+    def __init__(self, feature_extractor: Extractor, reference: ReferenceFeatures, protocol: str, k: int = DEFAULT_K):
+        self.feature_extractor, self.reference, self.k = feature_extractor, reference, k
+        self.protocol = f"{self.which}|prdc-k={k}|{protocol}"
+        self.reset()
+
+    def extract(self, images, prompts, attrs):
+        return self.feature_extractor(images).detach().double().cpu().numpy()
+
+    def compute(self) -> MetricResult:
+        fake = self.features()
+        real = np.asarray(self.reference(self.prompts, self.attrs), dtype=np.float64)
+        return MetricResult(value=getattr(prdc(real, fake, self.k), self.which), per_image=None, n=fake.shape[0])
+
+    @classmethod
+    def from_options(cls, backbone_name: str, options: MetricOptions | None = None):
+        """toy: real renders of the same captions, as many per caption as it has images, in their own seed
+        namespace. natural: the features of the folder ``prdc_reference`` / $CDMBENCH_PRDC_REF, else the FID
+        reference when it is a folder."""
+        from cdmbench.eval.metrics.fid import feature_extractor_for, folder_features
+
+        options = options or MetricOptions()
+        extractor, protocol = feature_extractor_for(backbone_name, options)
+        if backbone_domain(backbone_name) == "shapes":
+            from cdmbench.toy.factors import reference_renders
+
+            def reference(prompts, attrs):
+                counts: dict[tuple, int] = {}
+                for p, a in zip(prompts, attrs):
+                    counts[(p, a)] = counts.get((p, a), 0) + 1
+                if any(a is None for _, a in counts):
+                    raise CdmbenchError("PRDC on the toy needs the prompts' attribute labels")
+                imgs = torch.cat([reference_renders(p, a, max(n, 32))[:n] for (p, a), n in counts.items()])
+                return np.concatenate([extractor(chunk).detach().double().cpu().numpy() for chunk in imgs.split(512)])
+
+            return cls(extractor, reference, f"{protocol}|ref=toy-real-renders-same-captions")
+        folder = os.environ.get(PRDC_REFERENCE_ENV) or options.fid_reference or os.environ.get("CDMBENCH_FID_REF")
+        if folder is None or not Path(folder).expanduser().is_dir():
+            raise MissingWeightsError(f"{cls.which} on backbone {backbone_name!r} needs a folder of real reference images: "
+                                      f"set ${PRDC_REFERENCE_ENV} (or pass fid_reference= as a folder)")
+        cached: list[np.ndarray] = []
+
+        def reference(prompts, attrs):
+            if not cached:
+                cached.append(folder_features(Path(folder).expanduser(), extractor))
+            return cached[0]
+
+        return cls(extractor, reference, f"{protocol}|ref={Path(folder).name}")
+
+
+@METRICS.register("precision")
+class Precision(_PRDCMetric):
+    """Precision (Kynkäänniemi 2019, k=5): share of generated images inside the real set's k-NN balls (FID features)."""
+
+    which = "precision"
+
+
+@METRICS.register("recall")
+class Recall(_PRDCMetric):
+    """Recall (Kynkäänniemi 2019, k=5): share of real images inside the generated set's k-NN balls (FID features)."""
+
+    which = "recall"
+
+
+@METRICS.register("density")
+class Density(_PRDCMetric):
+    """Density (Naeem 2020, k=5): mean count of real k-NN balls holding a generated image, over k (FID features)."""
+
+    which = "density"
+
+
+@METRICS.register("coverage")
+class Coverage(_PRDCMetric):
+    """Coverage (Naeem 2020, k=5): share of real k-NN balls that hold a generated image (FID features)."""
+
+    which = "coverage"

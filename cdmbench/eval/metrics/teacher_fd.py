@@ -43,3 +43,87 @@ def paired_feature_distance(student, teacher) -> np.ndarray:
     if s.shape != t.shape or s.ndim != 2:
         raise CdmbenchError(f"paired distance needs row-aligned (n, F) features, got {s.shape} and {t.shape}")
     return np.linalg.norm(s - t, axis=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# The registered metrics. The harness feeds, beside each batch of a row's images, the teacher's images for
+# the same (prompt, seed) items at the backbone's reference steps and CFG (``update_teacher``).
+
+from typing import Any, ClassVar  # noqa: E402
+
+import torch  # noqa: E402
+
+from cdmbench.eval.metrics import METRICS  # noqa: E402
+from cdmbench.eval.metrics.base import MetricOptions, MetricResult  # noqa: E402
+from cdmbench.eval.metrics.sets import Extractor, FeatureSet, MetricSkipped  # noqa: E402
+
+
+class _TeacherFeatures(FeatureSet):
+    needs_teacher: ClassVar[bool] = True
+    higher_is_better: ClassVar[bool] = False
+
+    def __init__(self, feature_extractor: Extractor, protocol: str):
+        self.feature_extractor = feature_extractor
+        self.protocol = f"{self.name}|{protocol}|vs-teacher-at-reference-steps-same-items"
+        self.reset()
+
+    def reset(self) -> None:
+        super().reset()
+        self._teacher: list[np.ndarray] = []
+
+    def extract(self, images, prompts, attrs):
+        return self.feature_extractor(images).detach().double().cpu().numpy()
+
+    @torch.no_grad()
+    def update_teacher(self, images: torch.Tensor) -> None:
+        """The teacher's images (B, 3, H, W) for the items of the matching ``update`` call, in the same order."""
+        self._teacher.append(self.extract(images, [], None))
+
+    def pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        s = self.features()
+        if not self._teacher:
+            raise MetricSkipped("no teacher reference images (evaluate with the teacher at its default steps)")
+        t = np.concatenate(self._teacher)
+        if t.shape != s.shape:
+            raise CdmbenchError(f"{self.name}: {s.shape[0]} student items but {t.shape[0]} teacher items")
+        return s, t
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["teacher"] = np.concatenate(self._teacher) if self._teacher else np.zeros((0, 0))
+        return state
+
+    def merge_state(self, state: dict[str, Any]) -> None:
+        super().merge_state(state)
+        if len(state["teacher"]):
+            self._teacher.append(np.asarray(state["teacher"], dtype=np.float64))
+
+    @classmethod
+    def from_options(cls, backbone_name: str, options: MetricOptions | None = None):
+        """The FID feature extractor of ``backbone_name`` (``fid.feature_extractor_for``)."""
+        from cdmbench.eval.metrics.fid import feature_extractor_for
+
+        return cls(*feature_extractor_for(backbone_name, options or MetricOptions()))
+
+
+@METRICS.register("teacher_fd")
+class TeacherFD(_TeacherFeatures):
+    """Fréchet distance of the row's images to the teacher's at its reference steps and CFG (same items, FID features)."""
+
+    per_image: ClassVar[bool] = False
+
+    def compute(self) -> MetricResult:
+        s, t = self.pairs()
+        return MetricResult(value=teacher_frechet(s, t), per_image=None, n=s.shape[0])
+
+
+@METRICS.register("teacher_dist")
+class TeacherDistance(_TeacherFeatures):
+    """Per item, L2 distance in FID features to the teacher's image from the same noise (reference steps and CFG)."""
+
+    per_image: ClassVar[bool] = True
+
+    def compute(self) -> MetricResult:
+        s, t = self.pairs()
+        d = paired_feature_distance(s, t)
+        return MetricResult(value=float(d.mean()), per_image=d, n=int(d.size))

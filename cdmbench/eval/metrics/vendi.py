@@ -38,3 +38,46 @@ def vendi_score(features) -> float:
     lam = np.clip(np.linalg.eigvalsh(gram / n), 0.0, None)
     lam = lam[lam > 0]
     return float(np.exp(-(lam * np.log(lam)).sum()))
+
+
+# --------------------------------------------------------------------------------------------------
+# The registered metric
+
+from typing import ClassVar  # noqa: E402
+
+from cdmbench.eval.metrics import METRICS  # noqa: E402
+from cdmbench.eval.metrics.base import MetricOptions, MetricResult  # noqa: E402
+from cdmbench.eval.metrics.sets import Extractor, FeatureSet, per_prompt_result  # noqa: E402
+
+
+@METRICS.register("vendi")
+class Vendi(FeatureSet):
+    """Vendi score (cosine kernel, order 1) of each prompt's seeds in the FID feature space; mean over prompts.
+
+    Args:
+        feature_extractor: (B, 3, H, W) float [0, 1] → (B, F) features.
+        protocol: identity of the extractor.
+    """
+
+    higher_is_better: ClassVar[bool] = True
+    per_image: ClassVar[bool] = True  # one value per prompt: the interval is a bootstrap over prompts
+
+    def __init__(self, feature_extractor: Extractor, protocol: str):
+        self.feature_extractor = feature_extractor
+        self.protocol = f"vendi|q=1|cosine|{protocol}|per-prompt-mean"
+        self.reset()
+
+    def extract(self, images, prompts, attrs):
+        return self.feature_extractor(images).detach().double().cpu().numpy()
+
+    def compute(self) -> MetricResult:
+        f = self.features()
+        groups = self.require_seeds()
+        return per_prompt_result([vendi_score(f[ix]) for ix in groups.values()], f.shape[0])
+
+    @classmethod
+    def from_options(cls, backbone_name: str, options: MetricOptions | None = None) -> "Vendi":
+        """The FID feature extractor of ``backbone_name`` (``fid.feature_extractor_for``)."""
+        from cdmbench.eval.metrics.fid import feature_extractor_for
+
+        return cls(*feature_extractor_for(backbone_name, options or MetricOptions()))
