@@ -185,7 +185,7 @@ def bench(
     steps: str = typer.Option("1,2,4", "--steps"),
     workspace: Path = typer.Option(Path("workspace"), "--workspace"),
     out: Path = typer.Option(Path("reports/toy"), "--out"),
-    seeds: str = typer.Option("0-1", "--seeds"),
+    seeds: str = typer.Option("0-4", "--seeds", help="Eval seeds per prompt; the diversity metrics need >= 2 (default 5: 10 pairs per prompt)."),
 ):
     """Train every method at its default budget (finished runs are kept), evaluate, and report."""
     from cdmbench.bench import run_bench
