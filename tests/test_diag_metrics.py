@@ -94,11 +94,11 @@ def test_per_prompt_metrics_skip_with_one_seed(sets, prompts):
 
 @pytest.fixture(scope="module")
 def teacher_eval(tmp_path_factory):
-    """Teacher rows at 2 and 28 (reference) steps, 12 prompts × 8 seeds, every diagnostic metric."""
+    """Teacher rows at 2 and 28 (reference) steps, 8 prompts × 8 seeds, every diagnostic metric."""
     out = tmp_path_factory.mktemp("diag_eval")
     names = ("teacher_fd", "teacher_dist", "vendi", "factor_w1", "detail", "intra_lpips")
     cfg = EvalConfig(workspace=str(out / "ws"), arch="toy", steps=(2,), teacher_steps=(2, 28), metrics=names,
-                     num_prompts=12, seeds=tuple(range(8)), out=str(out / "eval"), batch_size=48, progress=False)
+                     num_prompts=8, seeds=tuple(range(8)), out=str(out / "eval"), batch_size=64, progress=False)
     return cfg, read_results(run_eval(cfg))
 
 
@@ -113,7 +113,7 @@ def test_teacher_fidelity_rows_and_their_floor(teacher_eval):
     assert get.loc[(28, "intra_lpips"), "status"].startswith("not_applicable")
     assert get.loc[(28, "vendi"), "status"] == "ok"
     # floor: the 28-step teacher's seeds 0-3 against its own seeds 4-7 (same prompts)
-    prompts = load_prompt_set("default", "toy")[:12]
+    prompts = load_prompt_set("default", "toy")[:8]
     images = {s: read_pngs([cfg.out_dir / image_relpath("teacher-toy", 28, p.id, s) for p in prompts]) for s in range(8)}
     m = build_metric("teacher_fd", "toy")
     for s in range(4):
@@ -138,3 +138,21 @@ def test_every_registered_metric_declares_direction_and_a_one_line_summary():
     for name, cls in METRICS.items():
         assert isinstance(cls.higher_is_better, bool), name
         assert (cls.__doc__ or "").strip().splitlines()[0], name
+
+
+def test_train_evaluators_only_names_its_steps(tmp_path):
+    from cdmbench.errors import CdmbenchError
+    from cdmbench.toy.train_evaluators import train_all
+
+    with pytest.raises(CdmbenchError, match="valid steps: classifier, clip, fid-reference, factors"):
+        train_all(tmp_path, only=("factor",))
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_factor_regressor_fit_is_reproducible_and_loads(tmp_path):
+    a = factors.train_factor_regressor(tmp_path / "a.safetensors", n=768, heldout=256, progress=False)
+    b = factors.train_factor_regressor(tmp_path / "b.safetensors", n=768, heldout=256, progress=False)
+    assert a["heldout"] == b["heldout"]
+    wa = factors.load_factor_regressor(tmp_path / "a.safetensors").weights
+    torch.testing.assert_close(wa, factors.load_factor_regressor(tmp_path / "b.safetensors").weights)
+    assert a["heldout"]["x"]["mae"] < 0.3
