@@ -28,8 +28,8 @@ CONFIG = "config.json"
 FINISHED = "done.json"
 # Keys ("group.field") whose change on --resume --force keeps the run the same run.
 SAFE_TO_CHANGE = frozenset({"train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-                            "backbone.device"})
-_NOT_COMPARED = frozenset({"cdmbench_version", "torch", "world_size"})
+                            "train.data_cache", "backbone.device"})
+_NOT_COMPARED = frozenset({"cdmbench_version", "torch", "world_size", "as_run"})  # facts, not settings
 _LEFTOVERS = ("metrics.csv", "tensorboard", CKPT_DIR, FINISHED)  # what a dead start may have left
 
 
