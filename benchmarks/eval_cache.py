@@ -28,7 +28,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def train_tiny_runs(workspace: Path) -> list[str]:
     from cdmbench.methods import METHODS
-    from cdmbench.train import resolve_config, train
+    from cdmbench.run import resolve_config
+    from cdmbench.train import train
 
     tiny = {"dmd": {"num_pairs": "8", "pair_steps": "2"},
             "cdm": {"max_rollout_steps": "3"}}

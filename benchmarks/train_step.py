@@ -30,7 +30,8 @@ def main() -> None:
 
     from cdmbench.backbones.toy import ToyBackbone
     from cdmbench.methods import METHODS
-    from cdmbench.train import resolve_config, train
+    from cdmbench.run import resolve_config
+    from cdmbench.train import train
 
     names = args.methods.split(",") if args.methods else METHODS.names()
     stats = {"net_s": 0.0, "passes": collections.Counter()}

@@ -85,36 +85,34 @@ def run_bench(
 def train_or_keep(method: str, arch: str, run_dir: Path, progress: bool = True) -> str:
     """Train ``method`` on ``arch`` at its default budget into ``run_dir`` unless it is finished already;
     returns its train minutes for the report (from done.json)."""
-    from cdmbench.checkpoint import latest_checkpoint
-    from cdmbench.io import read_json
-    from cdmbench.train import resolve_config, train
+    from cdmbench.run import RunDir, resolve_config
+    from cdmbench.train import train
 
     cfg = resolve_config(method, arch)
-    done = run_dir / "done.json"
+    rd = RunDir(run_dir)
     note = ""
-    if done.is_file():
-        saved = read_json(run_dir / "config.json", what="run config")
+    if rd.finished:
+        saved = rd.config_dict()
         want = cfg.to_dict()
         if not isinstance(saved, dict) or (saved.get("method_config"), saved.get("train")) != (want["method_config"], want["train"]):
             note = " (kept; not the default budget)"
     else:
-        resume = latest_checkpoint(run_dir) is not None
-        if not resume and run_dir.exists():
-            if not (run_dir / "config.json").is_file():
-                raise CdmbenchError(f"{run_dir} exists but is not a run folder (no config.json); move it away")
-            shutil.rmtree(run_dir)  # a run killed before its first checkpoint: nothing to resume, start over
-        train(cfg, run_dir, resume=resume, progress=progress)
+        resume = rd.latest_checkpoint() is not None
+        if not resume and rd.path.exists():
+            if not rd.exists:
+                raise CdmbenchError(f"{rd.path} exists but is not a run folder (no config.json); move it away")
+            shutil.rmtree(rd.path)  # a run killed before its first checkpoint: nothing to resume, start over
+        train(cfg, rd.path, resume=resume, progress=progress)
         note = " (resumed)" if resume else ""
-    marker = read_json(done, what="finished marker")
-    minutes = marker.get("train_minutes") if isinstance(marker, dict) else None
-    return f"{minutes:.1f}{note}" if isinstance(minutes, (int, float)) else f"?{note}"
+    minutes = rd.train_minutes()
+    return f"{minutes:.1f}{note}" if minutes is not None else f"?{note}"
 
 
 def as_run_summary(run_dir: Path) -> str:
     """'128 (8 × 16 × 1), lr student 1e-05 / fake_score 5e-06' from a run's recorded ``as_run`` (``config.json``)."""
-    from cdmbench.io import read_json
+    from cdmbench.run import RunDir
 
-    rec = read_json(Path(run_dir) / "config.json").get("as_run")
+    rec = RunDir(run_dir).config_dict().get("as_run")
     if not rec:
         return "? (run recorded before cdmbench recorded it)"
     lrs = " / ".join(f"{k} {v:g}" for k, v in sorted(rec["learning_rates"].items(), key=lambda kv: kv[0] != "student"))

@@ -130,7 +130,8 @@ def train(
     """Distil a student with METHOD on a backbone; checkpoints land in WORKSPACE/runs/RUN."""
     from cdmbench.config import parse_overrides
     from cdmbench.paths import check_device, check_name, check_writable_dir
-    from cdmbench.train import resolve_config, train as run_train
+    from cdmbench.run import resolve_config
+    from cdmbench.train import train as run_train
 
     name = check_name(run_name, "--run-name") if run_name is not None else f"{method.value}-{arch.value}"
     check_device(device)

@@ -144,7 +144,7 @@ def begin(run_dir: str | Path, plan: StartPlan) -> None:
 def read_run_config(run_dir: str | Path):
     """The ``RunConfig`` saved in ``run_dir/config.json``; a missing, partial or invalid one is one
     ``CorruptStateError`` line naming the file."""
-    from cdmbench.train import RunConfig
+    from cdmbench.run import RunConfig
 
     path = Path(run_dir) / CONFIG
     fix = "restore it, or delete the run folder and train again"

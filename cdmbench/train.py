@@ -21,80 +21,18 @@ import logging
 import random
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from cdmbench.backbones.base import BackboneOptions
 from cdmbench.checkpoint import (full_optimizer_state, load_full_optimizer_state, load_newest_intact,
                                  save_checkpoint)
-from cdmbench.config import TrainConfig, apply_overrides, from_jsonable, to_jsonable
 from cdmbench.errors import CdmbenchError, CorruptStateError, NonFiniteError
-from cdmbench.io import write_json
 from cdmbench.resume import begin, check_start
+from cdmbench.run import RunConfig, RunDir, resolve_config  # noqa: F401  (resolve_config: re-exported for branches in flight; its home is cdmbench.run)
 
 logger = logging.getLogger(__name__)
-
-# ------------------------------------------------------------------------------------------------
-# Resolved run configuration
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """Everything that defines a run; saved as ``config.json`` in the run folder."""
-
-    method: str
-    arch: str
-    method_config: Any
-    train: TrainConfig
-    backbone: BackboneOptions
-
-    def to_dict(self) -> dict:
-        import cdmbench
-
-        return {"method": self.method, "arch": self.arch, "method_config": to_jsonable(self.method_config),
-                "train": to_jsonable(self.train), "backbone": to_jsonable(self.backbone),
-                "cdmbench_version": cdmbench.__version__, "torch": torch.__version__}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "RunConfig":
-        from cdmbench.methods import METHODS
-
-        m = METHODS.get(d["method"])
-        return cls(d["method"], d["arch"], from_jsonable(m.Config, d["method_config"]),
-                   from_jsonable(TrainConfig, d["train"]), from_jsonable(BackboneOptions, d["backbone"]))
-
-
-def resolve_config(method: str, arch: str, overrides: dict[str, str] | None = None,
-                   backbone_options: BackboneOptions | None = None) -> RunConfig:
-    """Method defaults × the method's preset for ``arch`` × user overrides.
-
-    Override keys: ``train.<field>`` (TrainConfig), ``backbone.<field>`` (BackboneOptions), anything else a
-    field of the method's config.
-    """
-    from cdmbench.backbones import BACKBONES
-    from cdmbench.methods import METHODS
-
-    m = METHODS.get(method)
-    BACKBONES.get(arch)  # fail early on an unknown arch
-    merged = {**m.presets.get(arch, {}), **(overrides or {})}
-    groups: dict[str, dict] = {"train": {}, "backbone": {}, "method": {}}
-    for k, v in merged.items():
-        head, _, rest = k.partition(".")
-        if rest and head in ("train", "backbone"):
-            groups[head][rest] = v
-        else:
-            groups["method"][k] = v
-    return RunConfig(
-        method, arch,
-        apply_overrides(m.Config(), groups["method"]),
-        apply_overrides(TrainConfig(), groups["train"], prefix="train."),
-        apply_overrides(backbone_options or BackboneOptions(), groups["backbone"], prefix="backbone."),
-    )
-
 
 # ------------------------------------------------------------------------------------------------
 # Prompts
@@ -346,9 +284,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, force: b
             logger.warning("%s; resuming from %s instead", "; ".join(notes), ckpt.name)
     if main:  # training can start: only now is anything written
         begin(run_dir, plan)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "config.json", {**cfg.to_dict(), "world_size": accelerator.num_processes,
-                                             "as_run": run_record(cfg, accelerator.num_processes, specs, data)})
+        RunDir(run_dir).write_config(cfg, world_size=accelerator.num_processes,
+                                     as_run=run_record(cfg, accelerator.num_processes, specs, data))
 
     if ckpt is not None:
         nets, state, extra, meta = loaded
@@ -487,6 +424,5 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, force: b
                 final = save(step + 1)
     log.close()
     if main:
-        write_json(run_dir / "done.json", {"steps": tc.steps, "checkpoint": str(Path(last_good).name),
-                                           "train_minutes": round((time.time() - t_start) / 60, 3)})
+        RunDir(run_dir).finish(tc.steps, last_good, (time.time() - t_start) / 60)
     return Path(last_good) if final is None else final

@@ -39,7 +39,8 @@ def test_cdm_trajectory_eps_last_with_x0_next_uses_the_shared_index(toy, monkeyp
 def test_student_ema_decay_counts_completed_student_updates(tmp_path, monkeypatch):
     """decay_k = min((1+k)/(10+k), 0.999) with k = student updates so far, 1 after the first (cdm.md §6;
     byliutao/cdm calls EMAModuleWrapper.step after ``student_step += 1``): 0.182, 0.250, 0.308."""
-    from cdmbench.train import StudentEMA, resolve_config, train
+    from cdmbench.run import resolve_config
+    from cdmbench.train import StudentEMA, train
     from conftest import tiny_overrides
 
     decays = []
@@ -53,7 +54,8 @@ def test_gradient_accumulation_and_the_run_record(tmp_path, monkeypatch):
     """grad_accum micro-batches per optimiser step; config.json records world size, global batch, lrs as used."""
     from cdmbench.checkpoint import latest_checkpoint, load_checkpoint
     from cdmbench.io import read_json
-    from cdmbench.train import resolve_config, train
+    from cdmbench.run import resolve_config
+    from cdmbench.train import train
     from conftest import tiny_overrides
 
     M = METHODS.get("dmd2")
@@ -76,7 +78,8 @@ def test_gradient_accumulation_and_the_run_record(tmp_path, monkeypatch):
 def test_dmd_pairs_use_the_real_score_guidance_and_stay_out_of_checkpoints(tmp_path):
     from cdmbench.checkpoint import latest_checkpoint
     from cdmbench.io import read_json
-    from cdmbench.train import resolve_config, train
+    from cdmbench.run import resolve_config
+    from cdmbench.train import train
     from conftest import tiny_overrides
 
     cfg = resolve_config("dmd", "toy", tiny_overrides("dmd", steps=2))

@@ -167,7 +167,8 @@ def _resume(folder):
     from conftest import tiny_overrides
 
     from cdmbench.checkpoint import load_checkpoint
-    from cdmbench.train import resolve_config, train
+    from cdmbench.run import resolve_config
+    from cdmbench.train import train
 
     cfg = resolve_config("cdm", "toy", tiny_overrides("cdm", steps=3))
     straight = train(cfg, f"{folder}/straight", progress=False)

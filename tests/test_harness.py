@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from PIL import Image
 from cdmbench.errors import CdmbenchError
 from cdmbench.eval.harness import EvalConfig, generate, row_sources, run_eval, score
 from cdmbench.eval.results import read_results
-from cdmbench.train import resolve_config, train
+from cdmbench.run import resolve_config
+from cdmbench.train import train
 from conftest import tiny_overrides
 
 # Real registry metrics: toy FID and CLIP (set-level and per-image), attribute accuracy, and HPS, which
@@ -236,7 +238,7 @@ def test_bench_keeps_finished_runs_and_reports_command_versions_and_times(worksp
     assert "cdmbench bench --methods cdm,dmd --steps 1" in text
     for package in ("cdmbench", "torch", "diffusers", "transformers"):
         assert package in text
-    assert "cdm 0.0 (kept; not the default budget)" in text and "eval minutes" in text
+    assert re.search(r"cdm \d+\.\d \(kept; not the default budget\)", text) and "eval minutes" in text
     assert "global batch (processes × batch × accumulation)" in text and "(1 × 2 × 1), lr student" in text
     df = read_results(workspace / "eval" / "bench-toy" / "results.csv")
     assert set(df.run) == {"teacher-toy", "cdm-toy", "dmd-toy"}

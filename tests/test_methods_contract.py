@@ -10,7 +10,8 @@ from cdmbench.methods import METHODS
 from cdmbench.methods.base import Batch, RunContext
 from cdmbench.pairs import Processes
 from cdmbench.seeding import StackedGenerator
-from cdmbench.train import resolve_config, train
+from cdmbench.run import resolve_config
+from cdmbench.train import train
 from conftest import tiny_overrides
 
 

@@ -11,7 +11,8 @@ import torch
 
 from cdmbench.backbones.base import BackboneOptions
 from cdmbench.methods import METHODS
-from cdmbench.train import resolve_config, train
+from cdmbench.run import resolve_config
+from cdmbench.train import train
 from conftest import tiny_overrides
 from tiny_data import make_image_caption_folder
 from tiny_pipelines import TEXT_LEN, tiny_longcat_dir, tiny_sd3_dir  # noqa: F401

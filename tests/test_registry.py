@@ -44,7 +44,8 @@ def test_readme_adding_a_method_example_runs(toy, tmp_path):
     namespace: dict = {}
     exec(compile(code, "README-example", "exec"), namespace)
     from cdmbench.methods import METHODS
-    from cdmbench.train import resolve_config, train
+    from cdmbench.run import resolve_config
+    from cdmbench.train import train
 
     assert "flowdistill" in METHODS.names()
     cfg = resolve_config("flowdistill", "toy", {"train.steps": "2", "train.batch_size": "2"})

@@ -305,7 +305,8 @@ def trained_ws(tmp_path_factory):
     """A workspace with one finished two-iteration dmd2 run (checkpoints at 1 and 2)."""
     from conftest import tiny_overrides
 
-    from cdmbench.train import resolve_config, train
+    from cdmbench.run import resolve_config
+    from cdmbench.train import train
 
     ws = tmp_path_factory.mktemp("matrix") / "ws"
     cfg = resolve_config("dmd2", "toy", tiny_overrides("dmd2", steps=2, batch=1))

@@ -11,7 +11,8 @@ import torch
 from cdmbench.checkpoint import latest_checkpoint, load_checkpoint, load_newest_intact
 from cdmbench.errors import CdmbenchError, CorruptStateError
 from cdmbench.resume import check_start, read_run_config
-from cdmbench.train import resolve_config, train
+from cdmbench.run import resolve_config
+from cdmbench.train import train
 from conftest import tiny_overrides
 
 METHOD = "dmd2"

@@ -9,7 +9,8 @@ from cdmbench.backbones.base import BackboneOptions
 from cdmbench.checkpoint import latest_checkpoint, load_checkpoint
 from cdmbench.errors import CdmbenchError, NonFiniteError
 from cdmbench.methods import METHODS
-from cdmbench.train import resolve_config, train
+from cdmbench.run import resolve_config
+from cdmbench.train import train
 from conftest import tiny_overrides
 from tiny_pipelines import TEXT_LEN, tiny_sd3_dir  # noqa: F401 (fixture)
 

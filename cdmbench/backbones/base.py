@@ -92,6 +92,9 @@ class Backbone(ABC):
     shift: ClassVar[float] = 1.0  # static scheduler shift applied to every nominal σ list
     default_guidance: ClassVar[float] = 1.0  # teacher CFG scale (standard form, 1 = none)
     default_teacher_steps: ClassVar[int] = 28
+    # Training defaults that are facts of this backbone (precision, gradient checkpointing, batch), as
+    # ``train.<field>`` / ``backbone.<field>`` settings; a method's preset and the user's --set go on top.
+    training_defaults: ClassVar[dict[str, str]] = {}
     decodes_to_images: ClassVar[bool] = True
     # What the decoded images are: "natural" (text-to-image photos/art: Inception FID, CLIP, ImageReward
     # and HPS apply) or "shapes" (the toy's procedural shapes: the toy evaluators replace them).

@@ -32,6 +32,8 @@ class LongCatBackbone(DiffusersBackbone):
     default_max_shift = 1.15  # LongCatImagePipeline's fallback for ``max_shift``
     pipeline_load_kwargs = {"text_processor": None}  # only prompt rewriting needs it
     fsdp_block_classes = ("LongCatImageTransformerBlock", "LongCatImageSingleTransformerBlock")
+    training_defaults = {"train.mixed_precision": "bf16", "backbone.gradient_checkpointing": "true",
+                         "train.batch_size": "8"}
 
     def __init__(self, options: BackboneOptions = BackboneOptions()):
         super().__init__(options)

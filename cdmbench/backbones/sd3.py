@@ -31,6 +31,8 @@ class SD3Backbone(DiffusersBackbone):
     default_guidance = 7.0  # diffusers' SD3 default
     default_teacher_steps = 28
     fsdp_block_classes = ("JointTransformerBlock",)
+    training_defaults = {"train.mixed_precision": "bf16", "backbone.gradient_checkpointing": "true",
+                         "train.batch_size": "16"}
 
     def __init__(self, options: BackboneOptions = BackboneOptions()):
         super().__init__(options)

@@ -207,9 +207,9 @@ class StudentSampler:
         cfg = source.config
         self.source, self.backbone = source, backbone
         self.method = METHODS.get(cfg.method)(backbone, cfg.method_config, training=False)
-        self.weights = source.checkpoint_dir / "student_ema.safetensors"
-        if not self.weights.is_file():
-            raise CdmbenchError(f"run {source.name!r}: checkpoint {source.checkpoint_dir} has no student_ema.safetensors")
+        from cdmbench.run import RunDir
+
+        self.weights = RunDir(source.run_dir).weights(source.checkpoint_dir, "ema")
         self.hash = hashes.sha256(self.weights)
         label = f"{source.checkpoint_dir.name} sha256:{self.hash[:12]}"
         if not source.finished:
@@ -312,13 +312,9 @@ class FileHashes:
 
 def trained_runs(workspace: str | Path) -> dict[str, Path]:
     """Run name → folder for every folder of ``WORKSPACE/runs`` with a config.json and a checkpoint."""
-    from cdmbench.checkpoint import latest_checkpoint
+    from cdmbench.run import RunDir
 
-    root = Path(workspace) / "runs"
-    if not root.is_dir():
-        return {}
-    return {p.name: p for p in sorted(root.iterdir())
-            if (p / "config.json").is_file() and latest_checkpoint(p) is not None}
+    return {rd.name: rd.path for rd in RunDir.in_workspace(workspace) if rd.latest_checkpoint() is not None}
 
 
 class _Eval:
@@ -326,7 +322,7 @@ class _Eval:
 
     def __init__(self, cfg: EvalConfig):
         from cdmbench.backbones import BACKBONES
-        from cdmbench.checkpoint import latest_checkpoint
+        from cdmbench.run import RunDir
 
         self.cfg, self.out = cfg, cfg.out_dir
         self._console = None
@@ -336,27 +332,25 @@ class _Eval:
         else:
             names = list(cfg.runs)
             for n in names:
-                if n not in available and (Path(cfg.workspace) / "runs" / n / "config.json").is_file():
+                if n not in available and RunDir.named(cfg.workspace, n).exists:
                     raise CdmbenchError(f"runs: run {n!r} has no checkpoint yet; wait for its first checkpoint")
                 if n not in available:
                     have = ", ".join(available) or f"none (train one with `cdmbench train METHOD --workspace {cfg.workspace}`)"
                     raise CdmbenchError(f"runs: no trained run {n!r} in {Path(cfg.workspace) / 'runs'}; available runs: {have}")
         if cfg.runs is None:
-            for d in sorted((Path(cfg.workspace) / "runs").glob("*/config.json")):
-                if d.parent.name not in available:
-                    self.note(f"skipping run {d.parent.name}: no checkpoint yet")
+            for rd in RunDir.in_workspace(cfg.workspace):
+                if rd.name not in available:
+                    self.note(f"skipping run {rd.name}: no checkpoint yet")
         runs: list[RunSource] = []
         for n in names:
-            from cdmbench.resume import read_run_config
-
-            d = available[n]
-            saved = read_run_config(d)
+            rd = RunDir(available[n])
+            saved = rd.config()
             # gradient checkpointing only matters for training; without it runs share the teacher's backbone
             opts = dataclasses.replace(saved.backbone, device=cfg.device, gradient_checkpointing=False)
-            finished = (d / "done.json").is_file()
-            if not finished:
-                self.note(f"run {n} is unfinished: evaluating its latest checkpoint {latest_checkpoint(d).name}")
-            runs.append(RunSource(n, saved.method, saved.arch, d, latest_checkpoint(d), finished, cfg.steps, opts))
+            ckpt = rd.latest_checkpoint()
+            if not rd.finished:
+                self.note(f"run {n} is unfinished: evaluating its latest checkpoint {ckpt.name}")
+            runs.append(RunSource(n, saved.method, saved.arch, rd.path, ckpt, rd.finished, cfg.steps, opts))
         teachers: list[TeacherSource] = []
         if cfg.teacher:
             archs = list(dict.fromkeys([r.arch for r in runs] + ([cfg.arch] if cfg.arch else [])))

@@ -82,7 +82,9 @@ class Method(ABC):
     paper: ClassVar[str] = ""
     # Steps this method's student can be sampled with; None means any positive integer.
     supported_steps: ClassVar[tuple[int, ...] | None] = None
-    # Per-backbone presets: overrides of the method config and of TrainConfig ("train.<field>").
+    # Per-backbone presets, only what is specific to this method there (learning rates, guidance, budget):
+    # overrides of the method config and of TrainConfig ("train.<field>"). Precision, gradient
+    # checkpointing and batch size are the backbone's ``training_defaults``.
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(self, backbone: Backbone, config, *, training: bool = True, data_source=None):

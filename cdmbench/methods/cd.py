@@ -69,9 +69,9 @@ class CD(Method):
     loss_keys = ("consistency",)
     presets = {
         "toy": {"student_lr": 1e-4, "solver_steps": 40,
-                "train.steps": 400, "train.batch_size": 16, "train.checkpoint_every": 100},
-        "sd3": {"train.steps": 20000, "train.batch_size": 2, "train.mixed_precision": "bf16", "backbone.gradient_checkpointing": "true"},
-        "longcat": {"train.steps": 20000, "train.batch_size": 2, "train.mixed_precision": "bf16", "backbone.gradient_checkpointing": "true"},
+                "train.steps": 400, "train.checkpoint_every": 100},
+        "sd3": {"train.steps": 20000, "train.batch_size": 2},
+        "longcat": {"train.steps": 20000, "train.batch_size": 2},
     }
 
     def __init__(self, backbone, config: CDConfig, *, training: bool = True, data_source=None):

@@ -133,11 +133,9 @@ class CDM(Method):
     loss_keys = ("fake_score", "ca", "dm", "cdm", "student")
     presets = {
         "toy": {"student_lr": 3e-5, "fake_lr": 1e-4, "warmup": 10, "guidance": 2.0, "max_rollout_steps": 8,
-                "train.steps": 400, "train.batch_size": 16, "train.checkpoint_every": 100},
-        "sd3": {"train.steps": 4001, "train.batch_size": 16, "train.mixed_precision": "bf16", "backbone.gradient_checkpointing": "true",
-                "train.checkpoint_every": 500},
-        "longcat": {"train.steps": 2001, "train.batch_size": 8, "train.mixed_precision": "bf16", "backbone.gradient_checkpointing": "true",
-                    "train.checkpoint_every": 500},
+                "train.steps": 400, "train.checkpoint_every": 100},
+        "sd3": {"train.steps": 4001, "train.checkpoint_every": 500},
+        "longcat": {"train.steps": 2001, "train.checkpoint_every": 500},
     }
 
     def __init__(self, backbone, config: CDMConfig, *, training: bool = True, data_source=None):

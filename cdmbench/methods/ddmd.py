@@ -53,9 +53,9 @@ class DDMD(CDM):
     loss_keys = ("fake_score", "ca", "dm", "student")
     presets = {
         "toy": {"student_lr": 3e-5, "fake_lr": 1e-4, "warmup": 10, "guidance": 2.0,
-                "train.steps": 400, "train.batch_size": 16, "train.checkpoint_every": 100},
-        "sd3": {"train.steps": 4001, "train.batch_size": 16, "train.mixed_precision": "bf16", "backbone.gradient_checkpointing": "true"},
-        "longcat": {"train.steps": 2001, "train.batch_size": 8, "train.mixed_precision": "bf16", "backbone.gradient_checkpointing": "true"},
+                "train.steps": 400, "train.checkpoint_every": 100},
+        "sd3": {"train.steps": 4001},
+        "longcat": {"train.steps": 2001},
     }
 
     def optim_specs(self):

@@ -70,9 +70,9 @@ class DMD(Method):
     presets = {
         "toy": {"student_lr": 3e-5, "fake_lr": 1e-4, "real_guidance": 2.0,
                 "regression_distance": "mse", "num_pairs": 512,
-                "train.steps": 400, "train.batch_size": 16, "train.checkpoint_every": 100},
-        "sd3": {"train.steps": 4000, "train.batch_size": 16, "train.mixed_precision": "bf16", "backbone.gradient_checkpointing": "true"},
-        "longcat": {"train.steps": 2000, "train.batch_size": 8, "train.mixed_precision": "bf16", "backbone.gradient_checkpointing": "true"},
+                "train.steps": 400, "train.checkpoint_every": 100},
+        "sd3": {"train.steps": 4000},
+        "longcat": {"train.steps": 2000},
     }
 
     def __init__(self, backbone, config: DMDConfig, *, training: bool = True, data_source=None):

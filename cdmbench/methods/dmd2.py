@@ -101,9 +101,9 @@ class DMD2(Method):
     stochastic_sampling = True
     presets = {
         "toy": {"student_lr": 3e-5, "fake_lr": 1e-4, "real_guidance": 2.0, "update_ratio": 2, "gan_weight": 0.0,
-                "train.steps": 400, "train.batch_size": 16, "train.checkpoint_every": 100},
-        "sd3": {"train.grad_clip": 10.0, "train.steps": 4000, "train.batch_size": 16, "train.mixed_precision": "bf16", "backbone.gradient_checkpointing": "true"},
-        "longcat": {"train.grad_clip": 10.0, "train.steps": 2000, "train.batch_size": 8, "train.mixed_precision": "bf16", "backbone.gradient_checkpointing": "true"},
+                "train.steps": 400, "train.checkpoint_every": 100},
+        "sd3": {"train.grad_clip": 10.0, "train.steps": 4000},
+        "longcat": {"train.grad_clip": 10.0, "train.steps": 2000},
     }
 
     def __init__(self, backbone, config: DMD2Config, *, training: bool = True, data_source=None):
