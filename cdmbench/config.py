@@ -20,6 +20,7 @@ class TrainConfig:
     """What every method shares: budget, batch, seeds, EMA, checkpoints, precision."""
 
     steps: int = 400  # training iterations (one ``train_step`` call each)
+    budget_tflops: float = 0.0  # stop once the counted training compute reaches this (0 = iterations only)
     batch_size: int = 16  # prompts per iteration per process
     seed: int = 0  # global seed; process i uses seed + i for its own randomness
     ema_decay: float = 0.999  # student EMA: decay_k = min((1+k)/(10+k), ema_decay), k = student updates
@@ -32,6 +33,8 @@ class TrainConfig:
 
     def __post_init__(self):
         _check_positive(self, ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every"))
+        if not (isinstance(self.budget_tflops, (int, float)) and self.budget_tflops >= 0):
+            raise CdmbenchError(f"train.budget_tflops must be a number >= 0 (0 = no compute budget), got {self.budget_tflops!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise CdmbenchError(f"train.mixed_precision must be one of no, bf16, fp16; got {self.mixed_precision!r}")
         if not 0 <= self.ema_decay < 1:

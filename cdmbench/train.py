@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from cdmbench.backbones.base import BackboneOptions
+from cdmbench.compute import ComputeMeter, run_roles
 from cdmbench.checkpoint import (full_optimizer_state, latest_checkpoint, load_checkpoint,
                                  load_full_optimizer_state, save_checkpoint)
 from cdmbench.config import TrainConfig, apply_overrides, from_jsonable, to_jsonable
@@ -36,6 +37,7 @@ from cdmbench.errors import CdmbenchError, NonFiniteError
 from cdmbench.io import read_json, write_json
 
 logger = logging.getLogger(__name__)
+COMPUTE_FILE = "compute.json"  # the run's compute totals at its latest checkpoint (cdmbench.compute)
 
 # ------------------------------------------------------------------------------------------------
 # Resolved run configuration
@@ -318,6 +320,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
     ema = StudentEMA(method.nets["student"])
     counts = {name: 0 for name in specs}
     prev_minutes = 0.0
+    compute_state = None
 
     if ckpt is not None:
         nets, state, extra, meta = load_checkpoint(ckpt)
@@ -338,6 +341,9 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
             torch.manual_seed(_mix(tc.seed, int(meta["step"]), accelerator.process_index))
         start = int(meta["step"])
         prev_minutes = float(meta.get("minutes", 0.0))
+        compute_state = state.get("compute")
+    # counted by the loop, whatever the method does: passes per network role, FLOPs, wall time
+    meter = ComputeMeter(run_roles(method, backbone), accelerator.num_processes, compute_state)
 
     log = HealthLog(run_dir, main, start)
     last_good = str(ckpt) if ckpt else "none yet"
@@ -350,12 +356,16 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
         nets["student_ema"] = ema.read(lambda: backbone.net_state_dict(method.nets["student"]))
         state = {"optimizers": {n: full_optimizer_state(method.nets[n], o) for n, o in optimizers.items()},
                  "schedulers": {n: s.state_dict() for n, s in schedulers.items()},
-                 "counts": counts, "rng": gather_object([_rng_state(accelerator.device)])}
+                 "counts": counts, "rng": gather_object([_rng_state(accelerator.device)]),
+                 "compute": meter.state_dict()}
         path = None
         if main:
+            minutes = (time.time() - t_start) / 60
             path = save_checkpoint(run_dir, step, nets, state, method.extra_state(),
-                                   {"method": cfg.method, "arch": cfg.arch, "minutes": (time.time() - t_start) / 60},
+                                   {"method": cfg.method, "arch": cfg.arch, "minutes": minutes,
+                                    "compute": meter.totals(minutes)},
                                    keep=tc.keep_checkpoints)
+            write_json(run_dir / COMPUTE_FILE, {"step": step, **meter.totals(minutes)})
             last_good = str(path)
         accelerator.wait_for_everyone()
         return path
@@ -365,13 +375,16 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
     task = bar.add_task(f"train {cfg.method} on {cfg.arch}", total=tc.steps, completed=start, info="")
     final = None
     running: dict[str, list] = {}
+    budget_hit = None
     with bar:
         for step in range(start, tc.steps):
             if stop_after is not None and step - start >= stop_after:
                 log.close()
+                meter.close()
                 return Path(last_good)
-            batch_prompts = prompts(step, tc.batch_size)
-            batch = Batch(batch_prompts, backbone.encode_prompts(batch_prompts), shared_seed=_mix(tc.seed, step))
+            if tc.budget_tflops and meter.flops() >= tc.budget_tflops * 1e12:
+                budget_hit = step  # a resumed run that had already spent its budget
+                break
             expected = set(method.optimizers_for(step))
             stepped: list[str] = []
             grad_norms: dict[str, float] = {}
@@ -385,7 +398,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
                 for ps in trainable.values():  # every network's gradients (= zero_grad(set_to_none=True))
                     for p in ps:
                         p.grad = None
-                accelerator.backward(loss)
+                with meter.backward():
+                    accelerator.backward(loss)
                 params = trainable[name]
                 if tc.grad_clip > 0:
                     gn = accelerator.clip_grad_norm_(params, tc.grad_clip)
@@ -405,8 +419,11 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
                     ema.update(min((1 + k) / (10 + k), tc.ema_decay))
                 method.after_update(name)
 
-            with accelerator.autocast():
-                out = method.train_step(batch, step, update)
+            with meter.iteration(step):  # prompt encoding included: a text encoder is a role too
+                batch_prompts = prompts(step, tc.batch_size)
+                batch = Batch(batch_prompts, backbone.encode_prompts(batch_prompts), shared_seed=_mix(tc.seed, step))
+                with accelerator.autocast():
+                    out = method.train_step(batch, step, update)
             if set(stepped) != expected:
                 raise RuntimeError(f"{cfg.method}: stepped {sorted(stepped)} at iteration {step}, declared {sorted(expected)}")
             missing = [k for k in out.losses if k not in method.loss_keys]
@@ -425,10 +442,20 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
                 log.write(step, values)
                 bar.update(task, info=" ".join(f"{k}={float(v):.3g}" for k, v in out.losses.items()))
             bar.update(task, completed=step + 1)
-            if (step + 1) % tc.checkpoint_every == 0 or step + 1 == tc.steps:
+            # the compute budget: stop after the first iteration that reaches it (overshoot < one iteration)
+            spent = bool(tc.budget_tflops) and meter.flops() >= tc.budget_tflops * 1e12
+            if (step + 1) % tc.checkpoint_every == 0 or step + 1 == tc.steps or spent:
                 final = save(step + 1)
+            if spent:
+                budget_hit = step + 1
+                break
     log.close()
+    meter.close()
     if main:
-        write_json(run_dir / "done.json", {"steps": tc.steps, "checkpoint": str(Path(last_good).name),
-                                           "train_minutes": round((time.time() - t_start) / 60, 3)})
+        minutes = (time.time() - t_start) / 60
+        done_step = tc.steps if budget_hit is None else budget_hit
+        write_json(run_dir / "done.json", {
+            "steps": done_step, "checkpoint": str(Path(last_good).name), "train_minutes": round(minutes, 3),
+            "stopped_by": "iterations" if budget_hit is None else f"budget_tflops={tc.budget_tflops}",
+            "compute": meter.totals(minutes)})
     return Path(last_good) if final is None else final
