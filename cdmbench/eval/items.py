@@ -3,7 +3,8 @@
 A result row holds one number per (run, steps, metric); intervals across training seeds and paired
 comparisons need what is behind it, item by item (a sample's identity is (prompt id, seed)):
 
-- a per-image metric (CLIP, attribute accuracy, ...) keeps its per-image scores;
+- a per-image metric (CLIP, attribute accuracy, ...) keeps its per-image scores (a metric with one value per
+  prompt, e.g. a diversity metric, keeps those, with seed -1);
 - a set-level metric keeps per-image features and its reference statistics, so the value can be recomputed
   on a resampled set (``item_features()`` and ``reference`` on the metric, as FID has): the statistic
   ``"frechet"`` is the Fréchet distance of the features' Gaussian to the reference.
@@ -72,9 +73,12 @@ def save_items(out: str | Path, run: str, steps: int, metric, result, items: lis
     common = dict(prompt_id=ids, seed=seeds, checkpoint=np.array(checkpoint), protocol=np.array(metric.protocol))
     path = items_path(out, run, steps, metric.name)
     if result.per_image is not None:
-        values = np.asarray(result.per_image, dtype=np.float64)
-        if values.shape != (len(items),):
-            raise CdmbenchError(f"{metric.name}: {values.shape[0]} per-image scores for {len(items)} items")
+        values = np.asarray(result.per_image, dtype=np.float64).reshape(-1)
+        prompts = list(dict.fromkeys(p for p, _ in items))
+        if values.shape[0] == len(prompts) != len(items):  # one value per prompt (a diversity metric)
+            common.update(prompt_id=np.array(prompts, dtype=str), seed=np.full(len(prompts), -1, dtype=np.int64))
+        elif values.shape[0] != len(items):
+            return None  # no item identity to attach: the report uses the row
         _savez(path, values=values, statistic=np.array("mean"), **common)
         return path
     features_of = getattr(metric, "item_features", None)
