@@ -139,6 +139,9 @@ def run_bench(
     header = {
         "train minutes (mean per run)": ", ".join(f"{m} {sum(v) / len(v):.1f}" for m, v in per_method.items()),
         "runs": f"{len(runs)} ({len(kept)} kept or resumed: {', '.join(kept)})" if kept else str(len(runs)),
+        "global batch (processes × batch × accumulation), learning rates": "; ".join(
+            f"{m} {as_run_summary(workspace / 'runs' / next(r.name for r in runs if r.method == m))}"
+            for m in per_method),
         "eval minutes": f"{eval_minutes:.1f}",
         "wall minutes": f"{(time.time() - started) / 60:.1f} (this invocation)",
         "eval": f"steps {', '.join(map(str, steps))}; every kept checkpoint (EMA); device {cfg.device}",
@@ -244,3 +247,15 @@ def _match_compute(arch, runs, configs, workspace: Path, eval_cfg, progress):
             f"{budget:.3g} TFLOPs (mean over its runs); costlier runs continue their last checkpoint below that "
             f"budget and stop within one iteration of it (runs `*-matched`).")
     return run_eval(cfg), note
+
+
+def as_run_summary(run_dir: Path) -> str:
+    """'128 (8 × 16 × 1), lr student 1e-05 / fake_score 5e-06' from a run's recorded ``as_run`` (``config.json``)."""
+    from cdmbench.io import read_json
+
+    rec = read_json(Path(run_dir) / "config.json").get("as_run")
+    if not rec:
+        return "? (run recorded before cdmbench recorded it)"
+    lrs = " / ".join(f"{k} {v:g}" for k, v in sorted(rec["learning_rates"].items(), key=lambda kv: kv[0] != "student"))
+    return f"{rec['global_batch']} ({rec['world_size']} × {rec['batch_per_process']} × {rec['grad_accum']}), lr {lrs}"
+

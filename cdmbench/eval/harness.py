@@ -248,7 +248,8 @@ def train_record(cfg, meta: dict, world_size: int) -> tuple[tuple[str, object], 
     teacher = (compute.get("passes") or {}).get("teacher") or {}
     return (("train_seed", cfg.train.seed), ("train_step", meta.get("step")),
             ("train_tflops", compute.get("train_tflops")), ("train_teacher_fwd", teacher.get("fwd_samples")),
-            ("train_minutes", meta.get("minutes")), ("global_batch", cfg.train.batch_size * int(world_size)))
+            ("train_minutes", meta.get("minutes")),
+            ("global_batch", cfg.train.batch_size * int(world_size) * int(getattr(cfg.train, "grad_accum", 1))))
 
 
 class TeacherSampler:
