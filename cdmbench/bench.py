@@ -162,10 +162,10 @@ def train_or_keep(cfg, run_dir: Path, progress: bool = True) -> tuple[float, str
     done = run_dir / "done.json"
     how = ""
     if done.is_file():
-        saved = read_json(run_dir / "config.json")
+        saved = read_json(run_dir / "config.json", what="run config")
         want = cfg.to_dict()
         how = "kept"
-        if saved["method_config"] != want["method_config"] or saved["train"] != want["train"]:
+        if not isinstance(saved, dict) or (saved.get("method_config"), saved.get("train")) != (want["method_config"], want["train"]):
             how = "kept; not this config"
     else:
         resume = latest_checkpoint(run_dir) is not None
@@ -175,7 +175,8 @@ def train_or_keep(cfg, run_dir: Path, progress: bool = True) -> tuple[float, str
             shutil.rmtree(run_dir)  # a run killed before its first checkpoint: nothing to resume, start over
         train(cfg, run_dir, resume=resume, progress=progress)
         how = "resumed" if resume else ""
-    minutes = read_json(done).get("train_minutes")
+    marker = read_json(done, what="finished marker")
+    minutes = marker.get("train_minutes") if isinstance(marker, dict) else None
     return (float(minutes) if isinstance(minutes, (int, float)) else float("nan")), how
 
 

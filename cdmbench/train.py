@@ -29,12 +29,13 @@ import numpy as np
 import torch
 
 from cdmbench.backbones.base import BackboneOptions
+from cdmbench.checkpoint import (full_optimizer_state, load_full_optimizer_state, load_newest_intact,
+                                 save_checkpoint)
 from cdmbench.compute import ComputeMeter, run_roles
-from cdmbench.checkpoint import (full_optimizer_state, latest_checkpoint, load_checkpoint,
-                                 load_full_optimizer_state, save_checkpoint)
 from cdmbench.config import TrainConfig, apply_overrides, from_jsonable, to_jsonable
-from cdmbench.errors import CdmbenchError, NonFiniteError
-from cdmbench.io import read_json, write_json
+from cdmbench.errors import CdmbenchError, CorruptStateError, NonFiniteError
+from cdmbench.io import write_json
+from cdmbench.resume import begin, check_start
 
 logger = logging.getLogger(__name__)
 COMPUTE_FILE = "compute.json"  # the run's compute totals at its latest checkpoint (cdmbench.compute)
@@ -111,7 +112,10 @@ class PromptSource:
             p = Path(path)
             if not p.is_file():
                 raise CdmbenchError(f"train.prompts: no such file {path!r}")
-            self.lines = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
+            try:
+                self.lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+            except UnicodeDecodeError as e:
+                raise CdmbenchError(f"train.prompts: {path!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
             if len(self.lines) < num_processes:
                 raise CdmbenchError(f"train.prompts: {path!r} has {len(self.lines)} prompts; need at least one per process")
 
@@ -172,6 +176,12 @@ def _adamw(params: list[torch.nn.Parameter], spec) -> torch.optim.AdamW:
     from torch.optim.optimizer import _device_dtype_check_for_fused  # the check AdamW(fused=True) runs at step 1
 
     kw = dict(lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay, eps=spec.eps)
+    if not spec.warmup >= 0:
+        raise CdmbenchError(f"optimizer warm-up must be >= 0 steps, got {spec.warmup} (check --set warmup)")
+    try:
+        torch.optim.AdamW([torch.zeros(1, requires_grad=True)], **kw)  # torch's own checks of the settings
+    except (ValueError, TypeError, IndexError) as e:
+        raise CdmbenchError(f"optimizer settings {kw}: {e} (check the --set lr/betas/eps/weight_decay values)") from None
     try:
         for p in params:
             _device_dtype_check_for_fused(p)
@@ -241,7 +251,8 @@ class HealthLog:
         if not enabled:
             return
         if resume_step and self.path.exists():  # drop rows the resumed run will write again
-            rows = [r for r in csv.reader(self.path.open()) if r and (r[0] == "step" or int(r[0]) < resume_step)]
+            rows = [r for r in csv.reader(self.path.open(errors="replace"))  # rows torn by a kill are dropped
+                    if len(r) == 3 and (r[0] == "step" or (r[0].isdigit() and int(r[0]) < resume_step))]
             with self.path.open("w", newline="") as f:
                 csv.writer(f).writerows(rows)
         new = not self.path.exists()
@@ -271,12 +282,14 @@ class HealthLog:
                 self.tb.close()
 
 
-def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
+def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, force: bool = False, progress: bool = True,
           stop_after: int | None = None) -> Path:
     """Train ``cfg`` into ``run_dir``; returns the final checkpoint folder.
 
-    ``resume`` continues from the latest checkpoint in ``run_dir``. ``stop_after`` ends the process
-    after that many iterations *without* a final checkpoint (a simulated kill, for tests).
+    ``resume`` continues from the newest intact checkpoint in ``run_dir`` (``cdmbench.resume``: the saved
+    config must match; ``force`` accepts the safe differences). Nothing is written before the backbone, the
+    prompt source, the method and its optimisers are built. ``stop_after`` ends the process after that many
+    iterations *without* a final checkpoint (a simulated kill, for tests).
     """
     from accelerate import Accelerator, DistributedType
     from accelerate.utils import gather_object
@@ -297,15 +310,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
                             "launch with DDP or train the full network")
     main = accelerator.is_main_process
     start, ckpt = 0, None
-    if resume:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            raise CdmbenchError(f"--resume: no checkpoint in {run_dir}")
-        saved = RunConfig.from_dict(read_json(run_dir / "config.json"))
-        if saved.to_dict()["method_config"] != cfg.to_dict()["method_config"] or saved.method != cfg.method:
-            raise CdmbenchError(f"--resume: the config differs from the one saved in {run_dir}/config.json")
-    elif (run_dir / "config.json").exists():
-        raise CdmbenchError(f"run folder {run_dir} already exists; pass --resume to continue it or choose another --run-name")
+    plan = check_start(run_dir, cfg.to_dict(), resume=resume, force=force)  # writes nothing
     seed = tc.seed + accelerator.process_index
     torch.manual_seed(seed)
     random.seed(seed)
@@ -320,10 +325,6 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
     method = METHODS.get(cfg.method)(backbone, cfg.method_config, data_source=data)
     method.prompt_source = prompts.sample  # extra prompts a method draws (e.g. cached teacher pairs)
     specs = method.optim_specs()
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "config.json", {**cfg.to_dict(), "world_size": accelerator.num_processes,
-                                             "as_run": run_record(cfg, accelerator.num_processes, specs, data)})
     optimizers, schedulers = {}, {}
     for name, spec in specs.items():
         params = [p for p in method.nets[name].parameters() if p.requires_grad]
@@ -338,9 +339,22 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
     counts = {name: 0 for name in specs}
     prev_minutes = 0.0
     compute_state = None
+    loaded = None
+    if plan.resume:  # the newest checkpoint that verifies and loads, said so when it is not the latest
+        ckpt, loaded, notes = load_newest_intact(run_dir, list(specs))
+        if ckpt is None:
+            raise CorruptStateError(f"--resume: no intact checkpoint in {run_dir} ({'; '.join(notes)}); "
+                                    f"delete the run folder to start again")
+        if notes:
+            logger.warning("%s; resuming from %s instead", "; ".join(notes), ckpt.name)
+    if main:  # training can start: only now is anything written
+        begin(run_dir, plan)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "config.json", {**cfg.to_dict(), "world_size": accelerator.num_processes,
+                                             "as_run": run_record(cfg, accelerator.num_processes, specs, data)})
 
     if ckpt is not None:
-        nets, state, extra, meta = load_checkpoint(ckpt)
+        nets, state, extra, meta = loaded
         # the EMA first: it goes through the student's parameters, which then get the student's own state
         ema.write(lambda: backbone.load_net_state(method.nets["student"], nets["student_ema"]))
         for name in specs:

@@ -44,7 +44,8 @@ from cdmbench.eval.generate import (
     shard,
 )
 from cdmbench.eval.items import has_items, save_items
-from cdmbench.io import read_json, write_json
+from cdmbench.io import locked, read_json, write_json
+from cdmbench.paths import MAX_BATCH, MAX_INT, MAX_PROMPTS, MAX_SEEDS, MAX_STEPS, check_count, check_device, check_name
 from cdmbench.prompts import Prompt
 
 RESULTS = "results.csv"
@@ -128,10 +129,16 @@ class EvalConfig:
             name, sep, target = str(e).partition("=")
             if not sep or not name.strip() or not target.strip():
                 raise CdmbenchError(f"external: expected NAME=PATH_OR_ID, got {e!r}")
-        try:
-            torch.device(self.device)
-        except (RuntimeError, TypeError) as e:
-            raise CdmbenchError(f"device: {self.device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from e
+            check_name(name.strip(), "external NAME")  # it becomes a folder under images/
+        for r in self.runs or ():
+            check_name(r, "runs")
+        check_count(self.num_prompts, "num_prompts", maximum=MAX_PROMPTS)
+        check_count(self.batch_size, "batch_size", maximum=MAX_BATCH)
+        if max(self.steps) > MAX_STEPS or max(self.teacher_steps or (1,)) > MAX_STEPS:
+            raise CdmbenchError(f"steps: at most {MAX_STEPS} sampler steps")
+        if len(self.seeds) > MAX_SEEDS or max(self.seeds) > MAX_INT:
+            raise CdmbenchError(f"seeds: at most {MAX_SEEDS} seeds, each <= {MAX_INT}")
+        check_device(self.device, "device")
 
     @property
     def out_dir(self) -> Path:
@@ -176,9 +183,9 @@ class RunSource:
 
     @property
     def config(self):
-        from cdmbench.train import RunConfig
+        from cdmbench.resume import read_run_config
 
-        return RunConfig.from_dict(read_json(self.run_dir / "config.json"))
+        return read_run_config(self.run_dir)
 
     def sampler(self, backbone, hashes: "FileHashes") -> "StudentSampler":
         return StudentSampler(self, backbone, hashes)
@@ -214,7 +221,7 @@ class StudentSampler:
             raise CdmbenchError(f"run {source.name!r}: checkpoint {source.checkpoint_dir} has no student_ema.safetensors")
         self.hash = hashes.sha256(self.weights)
         label = f"{source.checkpoint_dir.name} sha256:{self.hash[:12]}"
-        meta = read_json(source.checkpoint_dir / "meta.json")
+        meta = read_json(source.checkpoint_dir / "meta.json", what="checkpoint meta")
         if not source.finished and not source.run:
             label += f" (unfinished run: latest checkpoint, iteration {meta.get('step')} of {cfg.train.steps})"
         self.label = label
@@ -237,7 +244,8 @@ class StudentSampler:
             from cdmbench.io import load_safetensors
 
             # strict, through the backbone: a full state dict, or LoRA adapters for a LoRA run
-            self.method.nets["student"] = self.backbone.load_net(load_safetensors(self.weights))
+            self.method.nets["student"] = self.backbone.load_net(load_safetensors(
+                self.weights, fix="resume the run's training (it falls back to an intact checkpoint) or retrain"))
             self.loaded = True
         return self.method.sample(noise, cond, steps, rng)
 
@@ -298,7 +306,10 @@ class FileHashes:
 
     def __init__(self, path: Path):
         self.path = path
-        self.table: dict = read_json(path) if path.is_file() else {}
+        try:
+            self.table: dict = read_json(path) if path.is_file() else {}
+        except CdmbenchError:  # a cache: a damaged one is rebuilt
+            self.table = {}
 
     def sha256(self, file: Path) -> str:
         st = file.stat()
@@ -356,10 +367,10 @@ class _Eval:
                     self.note(f"skipping run {d.parent.name}: no checkpoint yet")
         runs: list[RunSource] = []
         for n in names:
-            from cdmbench.train import RunConfig
+            from cdmbench.resume import read_run_config
 
             d = available[n]
-            saved = RunConfig.from_dict(read_json(d / "config.json"))
+            saved = read_run_config(d)
             # gradient checkpointing only matters for training; without it runs share the teacher's backbone
             opts = dataclasses.replace(saved.backbone, device=cfg.device, gradient_checkpointing=False)
             finished = (d / "done.json").is_file()
@@ -411,6 +422,7 @@ class _Eval:
                 f"nothing to evaluate: no trained runs in {Path(cfg.workspace) / 'runs'}; train one with "
                 f"`cdmbench train METHOD`, or pass --arch to evaluate the teacher alone"
             )
+        self._check_state(externals, runs)
         self.prompts = {arch: self._prompts(arch) for arch in dict.fromkeys(s.arch for s in self.sources)}
         self.hashes = FileHashes(self.out / "cache" / "file_hashes.json")
         self.manifest = Manifest(self.out / MANIFEST)
@@ -419,6 +431,25 @@ class _Eval:
             self.groups.setdefault((src.arch, src.options), []).append(src)
         self._plans: dict[str, list[Plan]] = {}
         self._loaded: tuple = (None, None)  # (group key, backbone)
+
+    def _check_state(self, externals: list, runs: list) -> None:
+        """Before anything is generated: every run's checkpoint verifies (headers, recorded sizes), every
+        external path exists, and an existing results file reads (corruption is one line, not half an eval)."""
+        from cdmbench.checkpoint import verify_checkpoint
+        from cdmbench.errors import CorruptStateError
+        from cdmbench.eval.results import read_results
+
+        for r in runs:
+            bad = verify_checkpoint(r.checkpoint_dir)
+            if bad:
+                raise CorruptStateError(f"run {r.name!r}: its latest checkpoint cannot be used: {bad}; resume its "
+                                        f"training (`cdmbench train ... --resume` falls back to an intact checkpoint)")
+        for e in externals:
+            m = str(e.options.model)
+            if (m.startswith((".", "/", "~")) or m.count("/") > 1) and not Path(m).expanduser().exists():
+                raise CdmbenchError(f"external {e.name!r}: {m} does not exist (a local pipeline folder, or a hub id)")
+        if (self.out / RESULTS).is_file():
+            read_results(self.out / RESULTS)
 
     def _prompts(self, arch: str) -> list[Prompt]:
         from cdmbench.prompts import load_prompt_set
@@ -503,7 +534,6 @@ def generate(cfg: EvalConfig, *, process_index: int = 0, num_processes: int = 1,
 def _generate(ev: _Eval, process_index: int, num_processes: int, on_image: OnImage | None) -> int:
     cfg = ev.cfg
     shard([], process_index, num_processes)  # validate the split
-    records = ev.manifest.read()
     written = 0
     with _progress(cfg.progress) as bar:
         for source, backbone, sampler, plans in ev.walk(with_sampler=True):
@@ -511,13 +541,15 @@ def _generate(ev: _Eval, process_index: int, num_processes: int, on_image: OnIma
             for plan in plans:
                 if plan.skipped:
                     continue
-                todo = missing_items(plan, mine, records, ev.out)
-                if not todo:
-                    continue
-                task = bar.add_task(f"generate {plan.run} @ {plan.steps} steps", total=len(todo))
-                written += generate_images(sampler, plan, backbone, todo, ev.out, ev.manifest,
-                                           batch_size=cfg.batch_size, process_index=process_index,
-                                           on_image=on_image, advance=lambda k, t=task: bar.advance(t, k))
+                # plan-and-claim under a lock: a second eval of this share waits, then finds the images made
+                with locked(ev.out / "cache" / "locks" / f"{plan.run}@{plan.steps}-{process_index}of{num_processes}"):
+                    todo = missing_items(plan, mine, ev.manifest.read(), ev.out)
+                    if not todo:
+                        continue
+                    task = bar.add_task(f"generate {plan.run} @ {plan.steps} steps", total=len(todo))
+                    written += generate_images(sampler, plan, backbone, todo, ev.out, ev.manifest,
+                                               batch_size=cfg.batch_size, process_index=process_index,
+                                               on_image=on_image, advance=lambda k, t=task: bar.advance(t, k))
             del sampler  # free the student before the next source builds its own
     return written
 
@@ -564,8 +596,8 @@ def _score(ev: _Eval) -> Path:
                 rows = _score_plan(ev, plan, records, names, options, metric)
                 frame = normalize(pd.DataFrame(rows, columns=list(RESULT_COLUMNS)))
                 new = [r for r in frame.to_dict("records") if _row_key(r) not in have]
-                if new:
-                    append_rows(results, new)
+                if new:  # keyed: rows another eval appended meanwhile are not written twice
+                    append_rows(results, new, key=_row_key)
                     have.update(_row_key(r) for r in new)
                 bar.advance(task)
     return results
@@ -605,7 +637,7 @@ def _score_plan(ev: _Eval, plan: Plan, records: dict, names: list[str], options,
         key = _score_key(plan, n, image_set + (teacher_set if needs_teacher else ""), options)
         cached = ev.out / "cache" / "scores" / f"{key}.json"
         if cached.is_file() and (has_items(ev.out, plan.run, plan.steps, n) or not _keeps_items(cls)):
-            rows[n] = _row(plan, n, cls.higher_is_better, status="ok", **read_json(cached))
+            rows[n] = _row(plan, n, cls.higher_is_better, status="ok", **_read_score(cached))
         else:
             todo.append((n, cls, cached))
     if todo:
@@ -640,6 +672,17 @@ def _score_plan(ev: _Eval, plan: Plan, records: dict, names: list[str], options,
 def _keeps_items(cls) -> bool:
     """Whether scoring keeps per-item data for this metric class (``cdmbench.eval.items``)."""
     return bool(getattr(cls, "per_image", False)) or hasattr(cls, "item_features")
+
+
+def _read_score(path: Path) -> dict:
+    """A cached score entry; a damaged one is one line naming the file (delete it to recompute)."""
+    from cdmbench.errors import CorruptStateError
+
+    entry = read_json(path, what="score cache entry", fix="delete it to compute the score again")
+    keys = {"value", "ci_low", "ci_high", "n", "protocol", "timestamp"}
+    if not isinstance(entry, dict) or set(entry) != keys:
+        raise CorruptStateError(f"score cache entry {path} is incomplete; delete it to compute the score again")
+    return entry
 
 
 def _teacher_reference(ev: _Eval, plan: Plan, items, records: dict) -> tuple[list | None, str]:

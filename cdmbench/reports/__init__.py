@@ -77,6 +77,11 @@ def build_report(
     df = tables.load_results(results_path)
     if df.empty:
         raise CdmbenchError(f"results file {results_path} has no rows")
+    manifest = None
+    if images_root is not None:  # read every input before the first file is written
+        manifest_path, root = find_manifest(images_root)
+        manifest = read_manifest(manifest_path)
+        manifest = manifest[~manifest["run"].str.contains("@", regex=False)]  # older checkpoints: curves only
     eval_dir = Path(results_path).parent
     agg = aggregate(df, eval_dir)
     metric_tables = [t for t in tables.metric_tables(cells_as_rows(agg)) if t.applies]
@@ -110,10 +115,7 @@ def build_report(
             shutil.copyfile(matched_results, tmp)
         matched = (magg, mtables, matched_note)
     grids = {}
-    if images_root is not None:
-        manifest_path, root = find_manifest(images_root)
-        manifest = read_manifest(manifest_path)
-        manifest = manifest[~manifest["run"].str.contains("@", regex=False)]  # older checkpoints: curves only
+    if manifest is not None:
         archs = [a for a in dict.fromkeys(manifest["arch"])]
         for arch in archs:
             name = "grid.png" if len(archs) == 1 else f"grid_{tables.safe_name(arch)}.png"
