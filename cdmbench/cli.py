@@ -115,6 +115,8 @@ def train(
     set_: List[str] = typer.Option([], "--set", help="Override a setting: key=value (method field, train.<f>, backbone.<f>)."),
     steps_budget: Optional[int] = typer.Option(None, "--steps-budget", help="Training iterations (train.steps)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Prompts per iteration per process."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Training seed (train.seed)."),
+    budget_tflops: Optional[float] = typer.Option(None, "--budget-tflops", help="Stop once the counted training compute reaches this many TFLOPs (train.budget_tflops)."),
     run_name: Optional[str] = typer.Option(None, "--run-name", help="Run folder name (default METHOD-ARCH)."),
     workspace: Path = typer.Option(Path("workspace"), "--workspace", help="Holds runs/ and eval/."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run's newest intact checkpoint."),
@@ -142,6 +144,10 @@ def train(
         overrides["train.steps"] = str(steps_budget)
     if batch_size is not None:
         overrides["train.batch_size"] = str(batch_size)
+    if seed is not None:
+        overrides["train.seed"] = str(seed)
+    if budget_tflops is not None:
+        overrides["train.budget_tflops"] = str(budget_tflops)
     cfg = resolve_config(method.value, arch.value, overrides,
                          _backbone_options(model, device, dtype, lora_rank, allow_remote_code))
     if dry_run:
@@ -170,6 +176,7 @@ def eval_(
     arch: Optional[ArchName] = typer.Option(None, "--arch", help="Backbone for teacher/external rows when no run names it."),
     external: List[str] = typer.Option([], "--external", help="NAME=PATH_OR_ID of an already-distilled pipeline."),
     device: str = typer.Option("cpu", "--device"),
+    checkpoints: str = typer.Option("latest", "--checkpoints", help="latest | all (every kept checkpoint: a learning curve)."),
     allow_download: bool = typer.Option(False, "--allow-download", help="Let scorers download missing weights (default: local files only)."),
     quiet: bool = typer.Option(False, "--quiet"),
 ):
@@ -200,6 +207,7 @@ def eval_(
         batch_size=batch_size, out=str(out) if out else None, teacher=teacher,
         teacher_steps=tuple(_step_list(teacher_steps, "teacher-steps")) if teacher_steps else None,
         arch=arch.value if arch else None, external=tuple(external), device=device, progress=not quiet,
+        checkpoints=checkpoints,
     )
     if allow_download:
         import os
@@ -238,7 +246,7 @@ def report(
     if not Path(res).is_file():
         raise CdmbenchError(f"no results at {res}; run `cdmbench eval` first")
     check_writable_dir(out, "--out")
-    path = build_report(res, out, images_root=Path(res).parent, title=title)
+    path = build_report(res, out, images_root=Path(res).parent, title=title, argv=sys.argv)
     typer.echo(f"report: {path}")
 
 
@@ -271,9 +279,19 @@ def bench(
     workspace: Path = typer.Option(Path("workspace"), "--workspace"),
     out: Path = typer.Option(Path("reports/toy"), "--out"),
     seeds: str = typer.Option("0-4", "--seeds", help="Eval seeds per prompt; the diversity metrics need >= 2 (default 5: 10 pairs per prompt)."),
+    train_seeds: str = typer.Option("0", "--train-seeds", help="Training seeds: one run per method and seed, e.g. 0-2."),
+    match_compute: bool = typer.Option(False, "--match-compute", help="Also compare every method at the compute of the cheapest one."),
+    set_: List[str] = typer.Option([], "--set", help="Override a setting of every run: key=value (e.g. train.steps=40)."),
+    num_prompts: Optional[int] = typer.Option(None, "--num-prompts", help="Evaluate the first N prompts."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ):
-    """Train every method at its default budget (finished runs are kept), evaluate, and report."""
+    """Train every method at its default budget (finished runs are kept), evaluate every kept checkpoint,
+    and report means over training seeds with paired verdicts.
+
+    Example: cdmbench bench --arch toy --train-seeds 0-2 --seeds 0-4 --match-compute
+    """
     from cdmbench.bench import run_bench
+    from cdmbench.config import parse_overrides
     from cdmbench.seeding import parse_int_list
 
     from cdmbench.paths import MAX_SEEDS, check_writable_dir
@@ -285,7 +303,9 @@ def bench(
     seed_list = parse_int_list(seeds, name="seeds", max_count=MAX_SEEDS)
     check_writable_dir(workspace, "--workspace")
     check_writable_dir(out, "--out")
-    path = run_bench(arch.value, names, step_list, workspace, out, seeds=seed_list, argv=sys.argv)
+    path = run_bench(arch.value, names, step_list, workspace, out, seeds=seed_list, argv=sys.argv,
+                     train_seeds=parse_int_list(train_seeds, name="train-seeds"), match_compute=match_compute,
+                     overrides=parse_overrides(set_), num_prompts=num_prompts, progress=not quiet)
     typer.echo(f"report: {path}")
 
 

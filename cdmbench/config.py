@@ -20,6 +20,7 @@ class TrainConfig:
     """What every method shares: budget, batch, seeds, EMA, checkpoints, precision."""
 
     steps: int = 400  # training iterations (optimiser steps; ``grad_accum`` ``train_step`` calls each)
+    budget_tflops: float = 0.0  # stop once the counted training compute reaches this (0 = iterations only)
     batch_size: int = 16  # prompts per micro-batch per process
     grad_accum: int = 1  # micro-batches per optimiser step: global batch = batch_size × processes × grad_accum
     seed: int = 0  # global seed; process i uses seed + i for its own randomness
@@ -49,6 +50,8 @@ class TrainConfig:
             raise CdmbenchError(f"train.grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}")
         if self.prompts is not None and not str(self.prompts).strip():
             raise CdmbenchError("train.prompts: empty path; pass a prompt file or leave it unset")
+        if not (isinstance(self.budget_tflops, (int, float)) and self.budget_tflops >= 0):
+            raise CdmbenchError(f"train.budget_tflops must be a number >= 0 (0 = no compute budget), got {self.budget_tflops!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise CdmbenchError(f"train.mixed_precision must be one of no, bf16, fp16; got {self.mixed_precision!r}")
         if not 0 <= self.ema_decay < 1:

@@ -10,11 +10,12 @@ that knows the layout (what may start or resume in a folder is ``cdmbench.resume
     RUN/checkpoints/latest              the name of the newest complete checkpoint folder
     RUN/pairs/                          teacher ODE pair sets some methods make once per run (``cdmbench.pairs``)
     RUN/metrics.csv                     the health log (step, key, value)
+    RUN/compute.json                    compute totals (passes, TFLOPs, minutes) at the latest checkpoint
     RUN/tensorboard/                    the same scalars for TensorBoard (when it is installed)
     RUN/done.json                       the finished marker: steps, final checkpoint, train minutes
 
-Compute totals: every checkpoint's ``meta.json`` holds the training minutes so far (they accumulate across
-resumes); ``done.json`` holds the total of a finished run.
+Compute totals: every checkpoint's ``meta.json`` holds the training minutes (and compute) so far, which
+accumulate across resumes; ``done.json`` holds the totals of a finished run.
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ class RunDir:
     CONFIG = "config.json"  # = cdmbench.resume.CONFIG
     FINISHED = "done.json"  # = cdmbench.resume.FINISHED
     METRICS = "metrics.csv"
+    COMPUTE = "compute.json"  # compute totals at the latest checkpoint (``cdmbench.compute``)
     TENSORBOARD = "tensorboard"
     STUDENT_EMA = "student_ema"  # the student's EMA weights in each checkpoint (what eval and export use)
     STUDENT = "student"  # the optimised (raw) student weights
@@ -185,10 +187,11 @@ class RunDir:
     def finished(self) -> bool:
         return (self.path / self.FINISHED).is_file()
 
-    def finish(self, steps: int, checkpoint: Path | str, train_minutes: float) -> None:
-        """Write the finished marker (after the final checkpoint)."""
+    def finish(self, steps: int, checkpoint: Path | str, train_minutes: float, **extra: Any) -> None:
+        """Write the finished marker (after the final checkpoint): the iterations done, the final checkpoint,
+        the training minutes and ``extra`` (e.g. what stopped the run, its compute totals)."""
         write_json(self.path / self.FINISHED, {"steps": steps, "checkpoint": Path(checkpoint).name,
-                                               "train_minutes": round(train_minutes, 3)})
+                                               "train_minutes": round(train_minutes, 3), **extra})
 
     def train_minutes(self) -> float | None:
         """Total training minutes of a finished run (None when unfinished or not recorded)."""

@@ -28,11 +28,14 @@ import torch
 
 from cdmbench.checkpoint import (full_optimizer_state, load_full_optimizer_state, load_newest_intact,
                                  save_checkpoint)
+from cdmbench.compute import ComputeMeter, run_roles
 from cdmbench.errors import CdmbenchError, CorruptStateError, NonFiniteError
+from cdmbench.io import write_json
 from cdmbench.resume import begin, check_start
 from cdmbench.run import RunConfig, RunDir, resolve_config  # noqa: F401  (resolve_config: re-exported for branches in flight; its home is cdmbench.run)
 
 logger = logging.getLogger(__name__)
+COMPUTE_FILE = RunDir.COMPUTE  # the run's compute totals at its latest checkpoint (cdmbench.compute)
 
 # ------------------------------------------------------------------------------------------------
 # Prompts
@@ -274,6 +277,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, force: b
     ema = StudentEMA(method.nets["student"])
     counts = {name: 0 for name in specs}
     prev_minutes = 0.0
+    compute_state = None
     loaded = None
     if plan.resume:  # the newest checkpoint that verifies and loads, said so when it is not the latest
         ckpt, loaded, notes = load_newest_intact(run_dir, list(specs))
@@ -308,6 +312,9 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, force: b
             torch.manual_seed(_mix(tc.seed, int(meta["step"]), accelerator.process_index))
         start = int(meta["step"])
         prev_minutes = float(meta.get("minutes", 0.0))
+        compute_state = state.get("compute")
+    # counted by the loop, whatever the method does: passes per network role, FLOPs, wall time
+    meter = ComputeMeter(run_roles(method, backbone), accelerator.num_processes, compute_state)
 
     # one-off work (e.g. DMD's teacher pairs, stored in the run folder), on every process, also on resume
     method.prepare(RunContext(run_dir, Processes(accelerator.process_index, accelerator.num_processes,
@@ -324,12 +331,16 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, force: b
         state = {"optimizers": {n: full_optimizer_state(method.nets[n], o) for n, o in optimizers.items()},
                  "schedulers": {n: s.state_dict() for n, s in schedulers.items()},
                  "counts": counts, "rng": gather_object([_rng_state(accelerator.device)]),
-                 "data": data.state_dict() if data is not None else {}}  # the same on every process
+                 "data": data.state_dict() if data is not None else {},  # the same on every process
+                 "compute": meter.state_dict()}
         path = None
         if main:
+            minutes = (time.time() - t_start) / 60
             path = save_checkpoint(run_dir, step, nets, state, method.extra_state(),
-                                   {"method": cfg.method, "arch": cfg.arch, "minutes": (time.time() - t_start) / 60},
+                                   {"method": cfg.method, "arch": cfg.arch, "minutes": minutes,
+                                    "compute": meter.totals(minutes)},
                                    keep=tc.keep_checkpoints)
+            write_json(run_dir / COMPUTE_FILE, {"step": step, **meter.totals(minutes)})
             last_good = str(path)
         accelerator.wait_for_everyone()
         return path
@@ -339,75 +350,82 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, force: b
     task = bar.add_task(f"train {cfg.method} on {cfg.arch}", total=tc.steps, completed=start, info="")
     final = None
     running: dict[str, list] = {}
+    budget_hit = None
     with bar:
         for step in range(start, tc.steps):
             if stop_after is not None and step - start >= stop_after:
                 log.close()
+                meter.close()
                 return Path(last_good)
+            if tc.budget_tflops and meter.flops() >= tc.budget_tflops * 1e12:
+                budget_hit = step  # a resumed run that had already spent its budget
+                break
             expected = set(method.optimizers_for(step))
             grad_norms: dict[str, float] = {}
-            for micro in range(tc.grad_accum):  # micro-batches; each network steps after the last one
-                batch_prompts = prompts(step, tc.batch_size, micro)
-                batch = Batch(batch_prompts, backbone.encode_prompts(batch_prompts),
-                              shared_seed=_mix(tc.seed, step, *([micro] if micro else [])))
-                stepped: list[str] = []
-                last = micro == tc.grad_accum - 1
+            with meter.iteration(step):  # every micro-batch, prompt encoding included (a text encoder is a role)
+                for micro in range(tc.grad_accum):  # micro-batches; each network steps after the last one
+                    batch_prompts = prompts(step, tc.batch_size, micro)
+                    batch = Batch(batch_prompts, backbone.encode_prompts(batch_prompts),
+                                  shared_seed=_mix(tc.seed, step, *([micro] if micro else [])))
+                    stepped: list[str] = []
+                    last = micro == tc.grad_accum - 1
 
-                def update(name: str, loss: torch.Tensor) -> None:
-                    if name not in expected or name in stepped:
-                        raise RuntimeError(f"{cfg.method}: update({name!r}) at step {step}; optimizers_for says {sorted(expected)}")
-                    if not torch.isfinite(loss):
-                        raise NonFiniteError(f"non-finite {name} loss ({loss.item()}) at iteration {step}; "
-                                             f"training stopped, last good checkpoint: {last_good}")
-                    params = trainable[name]
-                    # this loss's gradient goes to ``name`` only: other networks keep their accumulated
-                    # gradients, and what the loss leaks into them (e.g. DMD2's GAN generator loss through the
-                    # discriminator head) is dropped
-                    held = {n: [p.grad for p in ps] for n, ps in trainable.items() if n != name}
-                    for n in held:
-                        for p in trainable[n]:
-                            p.grad = None
-                    if micro == 0:
-                        for p in params:
-                            p.grad = None
-                    accelerator.backward(loss / tc.grad_accum)
-                    for n, grads in held.items():
-                        for p, g in zip(trainable[n], grads):
-                            p.grad = g
-                    stepped.append(name)
-                    if not last:
-                        return
-                    if tc.grad_clip > 0:
-                        gn = accelerator.clip_grad_norm_(params, tc.grad_clip)
-                    else:
-                        gn = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-                    if not torch.isfinite(torch.as_tensor(gn)):
-                        raise NonFiniteError(f"non-finite {name} gradient norm at iteration {step}; "
-                                             f"training stopped, last good checkpoint: {last_good}")
-                    optimizers[name].step()
-                    schedulers[name].step()
-                    optimizers[name].zero_grad(set_to_none=True)
-                    counts[name] += 1
-                    grad_norms[f"grad_norm/{name}"] = float(gn)
-                    if name == "student":
-                        # k = completed student updates (1 after the first): decay 0.182, 0.250, 0.308, …
-                        # (cdm.md §6; byliutao/cdm EMAModuleWrapper.step after student_step += 1)
-                        k = counts["student"]
-                        ema.update(min((1 + k) / (10 + k), tc.ema_decay))
-                    method.after_update(name)
+                    def update(name: str, loss: torch.Tensor) -> None:
+                        if name not in expected or name in stepped:
+                            raise RuntimeError(f"{cfg.method}: update({name!r}) at step {step}; optimizers_for says {sorted(expected)}")
+                        if not torch.isfinite(loss):
+                            raise NonFiniteError(f"non-finite {name} loss ({loss.item()}) at iteration {step}; "
+                                                 f"training stopped, last good checkpoint: {last_good}")
+                        params = trainable[name]
+                        # this loss's gradient goes to ``name`` only: other networks keep their accumulated
+                        # gradients, and what the loss leaks into them (e.g. DMD2's GAN generator loss through the
+                        # discriminator head) is dropped
+                        held = {n: [p.grad for p in ps] for n, ps in trainable.items() if n != name}
+                        for n in held:
+                            for p in trainable[n]:
+                                p.grad = None
+                        if micro == 0:
+                            for p in params:
+                                p.grad = None
+                        with meter.backward():
+                            accelerator.backward(loss / tc.grad_accum)
+                        for n, grads in held.items():
+                            for p, g in zip(trainable[n], grads):
+                                p.grad = g
+                        stepped.append(name)
+                        if not last:
+                            return
+                        if tc.grad_clip > 0:
+                            gn = accelerator.clip_grad_norm_(params, tc.grad_clip)
+                        else:
+                            gn = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+                        if not torch.isfinite(torch.as_tensor(gn)):
+                            raise NonFiniteError(f"non-finite {name} gradient norm at iteration {step}; "
+                                                 f"training stopped, last good checkpoint: {last_good}")
+                        optimizers[name].step()
+                        schedulers[name].step()
+                        optimizers[name].zero_grad(set_to_none=True)
+                        counts[name] += 1
+                        grad_norms[f"grad_norm/{name}"] = float(gn)
+                        if name == "student":
+                            # k = completed student updates (1 after the first): decay 0.182, 0.250, 0.308, …
+                            # (cdm.md §6; byliutao/cdm EMAModuleWrapper.step after student_step += 1)
+                            k = counts["student"]
+                            ema.update(min((1 + k) / (10 + k), tc.ema_decay))
+                        method.after_update(name)
 
-                with accelerator.autocast():
-                    out = method.train_step(batch, step, update)
-                if set(stepped) != expected:
-                    raise RuntimeError(f"{cfg.method}: stepped {sorted(stepped)} at iteration {step}, declared {sorted(expected)}")
-                missing = [k for k in out.losses if k not in method.loss_keys]
-                if missing:
-                    raise RuntimeError(f"{cfg.method}: undeclared loss keys {missing}")
-                for k, v in [*((f"loss/{k}", v) for k, v in out.losses.items()),
-                             *((f"health/{k}", v) for k, v in out.logs.items())]:
-                    acc = running.setdefault(k, [0.0, 0])  # means since the last log row: players that step
-                    acc[0] += float(v)                     # on different iterations all show up
-                    acc[1] += 1
+                    with accelerator.autocast():
+                        out = method.train_step(batch, step, update)
+                    if set(stepped) != expected:
+                        raise RuntimeError(f"{cfg.method}: stepped {sorted(stepped)} at iteration {step}, declared {sorted(expected)}")
+                    missing = [k for k in out.losses if k not in method.loss_keys]
+                    if missing:
+                        raise RuntimeError(f"{cfg.method}: undeclared loss keys {missing}")
+                    for k, v in [*((f"loss/{k}", v) for k, v in out.losses.items()),
+                                 *((f"health/{k}", v) for k, v in out.logs.items())]:
+                        acc = running.setdefault(k, [0.0, 0])  # means since the last log row: players that step
+                        acc[0] += float(v)                     # on different iterations all show up
+                        acc[1] += 1
             for k, v in grad_norms.items():
                 acc = running.setdefault(k, [0.0, 0])
                 acc[0] += v
@@ -420,9 +438,19 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, force: b
                 log.write(step, values)
                 bar.update(task, info=" ".join(f"{k}={float(v):.3g}" for k, v in out.losses.items()))
             bar.update(task, completed=step + 1)
-            if (step + 1) % tc.checkpoint_every == 0 or step + 1 == tc.steps:
+            # the compute budget: stop after the first iteration that reaches it (overshoot < one iteration)
+            spent = bool(tc.budget_tflops) and meter.flops() >= tc.budget_tflops * 1e12
+            if (step + 1) % tc.checkpoint_every == 0 or step + 1 == tc.steps or spent:
                 final = save(step + 1)
+            if spent:
+                budget_hit = step + 1
+                break
     log.close()
+    meter.close()
     if main:
-        RunDir(run_dir).finish(tc.steps, last_good, (time.time() - t_start) / 60)
+        minutes = (time.time() - t_start) / 60
+        done_step = tc.steps if budget_hit is None else budget_hit
+        RunDir(run_dir).finish(done_step, last_good, minutes,
+                               stopped_by="iterations" if budget_hit is None else f"budget_tflops={tc.budget_tflops}",
+                               compute=meter.totals(minutes))
     return Path(last_good) if final is None else final

@@ -57,6 +57,8 @@ class Plan:
     guidance: float = 1.0  # CFG scale, standard form (1 = none)
     nfe: int | None = None  # network evaluations per sample; a CFG step counts twice
     skipped: str = ""  # reason the source cannot sample at ``steps``; "" when it runs
+    row_run: str = ""  # the run name in result rows when ``run`` is an older checkpoint's image folder; "" = run
+    train: tuple[tuple[str, object], ...] = ()  # the weights' training record (``TRAIN_COLUMNS`` of a results row)
 
 
 class Sampler(Protocol):

@@ -43,6 +43,7 @@ from cdmbench.eval.generate import (
     read_pngs,
     shard,
 )
+from cdmbench.eval.items import has_items, save_items
 from cdmbench.io import locked, read_json, write_json
 from cdmbench.paths import MAX_BATCH, MAX_INT, MAX_PROMPTS, MAX_SEEDS, MAX_STEPS, check_count, check_device, check_name
 from cdmbench.prompts import Prompt
@@ -50,6 +51,7 @@ from cdmbench.prompts import Prompt
 RESULTS = "results.csv"
 SCORE_BATCH = 64  # images per metric update; fixed so scores never depend on --batch-size
 TEACHER = "teacher"
+CHECKPOINT_MODES = ("latest", "all")
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,8 @@ class EvalConfig:
             sampled like the teacher at ``steps`` with their own CFG (default 1.0: no guidance).
         device: torch device for generation and scoring.
         progress: show progress bars and notes.
+        checkpoints: "latest" (each run's latest checkpoint) or "all" (every kept checkpoint, EMA weights: a
+            learning curve; rows carry the checkpoint's iteration and cumulative compute).
     """
 
     workspace: str = "workspace"
@@ -90,8 +94,11 @@ class EvalConfig:
     external: tuple[str, ...] = ()
     device: str = "cpu"
     progress: bool = True
+    checkpoints: str = "latest"
 
     def __post_init__(self):
+        if self.checkpoints not in CHECKPOINT_MODES:
+            raise CdmbenchError(f"checkpoints: expected one of {', '.join(CHECKPOINT_MODES)}, got {self.checkpoints!r}")
         _check_ints("steps", self.steps, minimum=1)
         if self.teacher_steps is not None:
             _check_ints("teacher_steps", self.teacher_steps, minimum=1)
@@ -161,7 +168,8 @@ def _check_names(name: str, values) -> None:
 
 @dataclass(frozen=True)
 class RunSource:
-    """A trained run folder, evaluated with its student's EMA weights at the latest checkpoint."""
+    """A trained run folder, evaluated with its student's EMA weights at one checkpoint (the latest, or an
+    older one under ``checkpoints="all"``: then ``name`` is ``RUN@STEP``, the folder of its images)."""
 
     name: str
     method: str
@@ -171,6 +179,7 @@ class RunSource:
     finished: bool
     steps: tuple[int, ...]
     options: BackboneOptions
+    run: str = ""  # the run's name in result rows; "" = name
 
     @property
     def config(self):
@@ -212,16 +221,17 @@ class StudentSampler:
         self.weights = RunDir(source.run_dir).weights(source.checkpoint_dir, "ema")
         self.hash = hashes.sha256(self.weights)
         label = f"{source.checkpoint_dir.name} sha256:{self.hash[:12]}"
-        if not source.finished:
-            step = read_json(source.checkpoint_dir / "meta.json", what="checkpoint meta").get("step")
-            label += f" (unfinished run: latest checkpoint, iteration {step} of {cfg.train.steps})"
+        meta = read_json(source.checkpoint_dir / "meta.json", what="checkpoint meta")
+        if not source.finished and not source.run:
+            label += f" (unfinished run: latest checkpoint, iteration {meta.get('step')} of {cfg.train.steps})"
         self.label = label
+        self.train = train_record(cfg, meta, read_json(source.run_dir / "config.json").get("world_size", 1))
         self.loaded = False
 
     def plan(self, steps: int) -> Plan:
         s = self.source
         base = dict(run=s.name, method=self.method.name, arch=self.backbone.name, steps=steps,
-                    checkpoint=self.hash, checkpoint_label=self.label)
+                    checkpoint=self.hash, checkpoint_label=self.label, row_run=s.run, train=self.train)
         try:
             schedule = self.method.schedule(steps)  # check_steps inside: supported_steps as ClassVar or property
         except CdmbenchError as e:
@@ -238,6 +248,16 @@ class StudentSampler:
                 self.weights, fix="resume the run's training (it falls back to an intact checkpoint) or retrain"))
             self.loaded = True
         return self.method.sample(noise, cond, steps, rng)
+
+
+def train_record(cfg, meta: dict, world_size: int) -> tuple[tuple[str, object], ...]:
+    """The ``TRAIN_COLUMNS`` of a checkpoint: training seed, iteration, compute so far, global batch."""
+    compute = meta.get("compute") or {}
+    teacher = (compute.get("passes") or {}).get("teacher") or {}
+    return (("train_seed", cfg.train.seed), ("train_step", meta.get("step")),
+            ("train_tflops", compute.get("train_tflops")), ("train_teacher_fwd", teacher.get("fwd_samples")),
+            ("train_minutes", meta.get("minutes")),
+            ("global_batch", cfg.train.batch_size * int(world_size) * int(getattr(cfg.train, "grad_accum", 1))))
 
 
 class TeacherSampler:
@@ -347,10 +367,18 @@ class _Eval:
             saved = rd.config()
             # gradient checkpointing only matters for training; without it runs share the teacher's backbone
             opts = dataclasses.replace(saved.backbone, device=cfg.device, gradient_checkpointing=False)
-            ckpt = rd.latest_checkpoint()
-            if not rd.finished:
-                self.note(f"run {n} is unfinished: evaluating its latest checkpoint {ckpt.name}")
-            runs.append(RunSource(n, saved.method, saved.arch, rd.path, ckpt, rd.finished, cfg.steps, opts))
+            d, finished, latest = rd.path, rd.finished, rd.latest_checkpoint()
+            if not finished:
+                self.note(f"run {n} is unfinished: evaluating its latest checkpoint {latest.name}")
+            runs.append(RunSource(n, saved.method, saved.arch, d, latest, finished, cfg.steps, opts))
+            if cfg.checkpoints == "all":
+                from cdmbench.checkpoint import CKPT_DIR
+
+                for c in sorted((d / CKPT_DIR).glob("step_*")):
+                    if c.is_dir() and not c.name.endswith(".tmp") and c.name != latest.name:
+                        step = int(read_json(c / "meta.json")["step"])
+                        runs.append(RunSource(f"{n}@{step}", saved.method, saved.arch, d, c, finished, cfg.steps,
+                                              opts, run=n))
         teachers: list[TeacherSource] = []
         if cfg.teacher:
             archs = list(dict.fromkeys([r.arch for r in runs] + ([cfg.arch] if cfg.arch else [])))
@@ -601,7 +629,7 @@ def _score_plan(ev: _Eval, plan: Plan, records: dict, names: list[str], options,
             continue
         key = _score_key(plan, n, image_set + (teacher_set if needs_teacher else ""), options)
         cached = ev.out / "cache" / "scores" / f"{key}.json"
-        if cached.is_file():
+        if cached.is_file() and (has_items(ev.out, plan.run, plan.steps, n) or not _keeps_items(cls)):
             rows[n] = _row(plan, n, cls.higher_is_better, status="ok", **_read_score(cached))
         else:
             todo.append((n, cls, cached))
@@ -625,12 +653,18 @@ def _score_plan(ev: _Eval, plan: Plan, records: dict, names: list[str], options,
             except MetricSkipped as e:  # e.g. one seed per prompt for a diversity metric: a row, not a crash
                 rows[n] = _row(plan, n, cls.higher_is_better, status=f"skipped: {e}", timestamp=now)
                 continue
+            save_items(ev.out, plan.run, plan.steps, m, result, [(p.id, s) for p, s in items], plan.checkpoint)
             ci_low, ci_high = result.interval()
             entry = {"value": float(result.value), "ci_low": ci_low, "ci_high": ci_high, "n": int(result.n),
                      "protocol": m.protocol, "timestamp": now}
             write_json(path, entry)  # atomic: a kill leaves no half entry
             rows[n] = _row(plan, n, cls.higher_is_better, status="ok", **entry)
     return [rows[n] for n in names]
+
+
+def _keeps_items(cls) -> bool:
+    """Whether scoring keeps per-item data for this metric class (``cdmbench.eval.items``)."""
+    return bool(getattr(cls, "per_image", False)) or hasattr(cls, "item_features")
 
 
 def _read_score(path: Path) -> dict:
@@ -664,8 +698,12 @@ def _teacher_reference(ev: _Eval, plan: Plan, items, records: dict) -> tuple[lis
 
 def _row(plan: Plan, metric: str, higher_is_better: bool, *, status: str, timestamp: str, value: float = math.nan,
          ci_low: float = math.nan, ci_high: float = math.nan, n: int = 0, protocol: str = "") -> dict:
+    from cdmbench.eval.results import TRAIN_COLUMNS
+
+    train = dict(plan.train)
     return {
-        "run": plan.run, "method": plan.method, "arch": plan.arch, "steps": plan.steps, "metric": metric,
+        **{c: train.get(c) for c in TRAIN_COLUMNS},
+        "run": plan.row_run or plan.run, "method": plan.method, "arch": plan.arch, "steps": plan.steps, "metric": metric,
         "value": value, "ci_low": ci_low, "ci_high": ci_high, "n": n, "higher_is_better": higher_is_better,
         "protocol": protocol, "nfe": plan.nfe,
         "sigmas_nominal": json.dumps([round(s, 6) for s in plan.sigmas_nominal]),
@@ -717,7 +755,12 @@ def run_eval(cfg: EvalConfig, *, on_image: OnImage | None = None) -> Path:
     _generate(ev, index, count, on_image)
     ev.release()
     barrier()
-    return _score(ev) if index == 0 else ev.out / RESULTS
+    if index != 0:
+        return ev.out / RESULTS
+    # the protocol a report's header names (prompt set, seeds); rewritten by every eval into this folder
+    write_json(ev.out / "eval_config.json", {**dataclasses.asdict(ev.cfg), "num_prompts_used": {
+        arch: len(p) for arch, p in ev.prompts.items()}})
+    return _score(ev)
 
 
 def _process_group(device: str):

@@ -12,6 +12,12 @@ Columns (``RESULT_COLUMNS``, exactly these):
     guidance                 CFG scale (1 = none)
     checkpoint, timestamp    the evaluated weights; ISO time of the row
     status                   "ok" | "not_applicable: <reason>" | "skipped: <reason>"
+    train_seed, train_step   the run's training seed and the evaluated checkpoint's iteration (empty for the
+                             teacher and external pipelines)
+    train_tflops             training compute up to that checkpoint, counted by the loop (``cdmbench.compute``)
+    train_teacher_fwd        teacher forward passes (samples) up to that checkpoint
+    train_minutes            training wall minutes up to that checkpoint (accumulated over resumes)
+    global_batch             per-process batch × processes
 The file format follows the suffix: .csv, .parquet or .jsonl.
 """
 
@@ -30,13 +36,15 @@ from cdmbench.io import atomic_path, locked
 RESULT_COLUMNS: tuple[str, ...] = (
     "run", "method", "arch", "steps", "metric", "value", "ci_low", "ci_high", "n", "higher_is_better",
     "protocol", "nfe", "sigmas_nominal", "sigmas_effective", "guidance", "checkpoint", "timestamp", "status",
+    "train_seed", "train_step", "train_tflops", "train_teacher_fwd", "train_minutes", "global_batch",
 )
+TRAIN_COLUMNS: tuple[str, ...] = RESULT_COLUMNS[-6:]
 MANIFEST_COLUMNS: tuple[str, ...] = ("run", "method", "arch", "steps", "prompt_id", "prompt", "seed", "path")
 STATUS_PREFIXES = ("not_applicable: ", "skipped: ")
 SUFFIXES = (".csv", ".parquet", ".jsonl")
 
-_FLOAT = ("value", "ci_low", "ci_high", "guidance")
-_INT = ("steps", "n", "nfe")
+_FLOAT = ("value", "ci_low", "ci_high", "guidance", "train_tflops", "train_minutes")
+_INT = ("steps", "n", "nfe", "train_seed", "train_step", "train_teacher_fwd", "global_batch")
 _TEXT = (
     "run", "method", "arch", "metric", "protocol", "sigmas_nominal", "sigmas_effective", "checkpoint", "timestamp",
     "status",
@@ -52,6 +60,9 @@ def _frame(rows: Iterable[Mapping] | pd.DataFrame) -> pd.DataFrame:
     df = rows.copy() if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
     if df.empty:
         return pd.DataFrame(columns=list(RESULT_COLUMNS))
+    for c in TRAIN_COLUMNS:  # results written before training records were kept: empty, not an error
+        if c not in df.columns:
+            df[c] = pd.NA
     missing = [c for c in RESULT_COLUMNS if c not in df.columns]
     extra = [c for c in df.columns if c not in RESULT_COLUMNS]
     if missing or extra:

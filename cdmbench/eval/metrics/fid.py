@@ -300,6 +300,7 @@ class FID(Metric):
         self.feat_sum = torch.zeros(f, dtype=torch.float64)
         self.feat_outer_sum = torch.zeros(f, f, dtype=torch.float64)
         self.count = 0
+        self._features: list[torch.Tensor] = []  # per-image features, kept for resampling (eval/items.py)
 
     @torch.no_grad()
     def update(self, images: torch.Tensor, prompts: list[str], attrs: torch.Tensor | None = None) -> None:
@@ -315,6 +316,13 @@ class FID(Metric):
         self.feat_sum += f.sum(dim=0)
         self.feat_outer_sum += f.T @ f
         self.count += f.shape[0]
+        self._features.append(f)
+
+    def item_features(self) -> np.ndarray:
+        """(n, F) float64 features of the images seen by this instance's ``update`` calls, in order."""
+        if not self._features:
+            raise CdmbenchError("FID.item_features called before any update")
+        return torch.cat(self._features).numpy()
 
     def stats(self) -> tuple[np.ndarray, np.ndarray]:
         """(mu, sigma) of the images seen so far (unbiased covariance, as np.cov)."""
