@@ -233,15 +233,38 @@ def list_metrics():
 @friendly
 def toy_train_teacher(
     out: Path = typer.Option(..., "--out", help="Where to write the teacher safetensors."),
+    vae: Path = typer.Option(..., "--vae", help="The toy VAE file (`cdmbench toy train-vae`); embedded in the teacher file."),
     steps: int = typer.Option(8000, "--steps"),
     seed: int = typer.Option(0, "--seed"),
     lr: float = typer.Option(1e-3, "--lr"),
-    init: Optional[Path] = typer.Option(None, "--init", help="Continue from this teacher file."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Warm-start from this teacher file (tensors of matching shape)."),
+    save_every: int = typer.Option(0, "--save-every", help="Also write --out every N steps (0: at the end only)."),
 ):
     """Reproduce the shipped toy teacher from a seed (see cdmbench/toy/train_teacher.py)."""
     from cdmbench.toy.train_teacher import train_teacher
 
-    typer.echo(json.dumps(train_teacher(out, steps=steps, seed=seed, lr=lr, init=init), indent=2))
+    typer.echo(json.dumps(train_teacher(out, vae, steps=steps, seed=seed, lr=lr, init=init, save_every=save_every),
+                          indent=2, default=str))
+
+
+@toy_app.command("train-vae")
+@friendly
+def toy_train_vae(
+    out: Path = typer.Option(..., "--out", help="Where to write the VAE safetensors."),
+    steps: int = typer.Option(2000, "--steps"),
+    seed: int = typer.Option(0, "--seed"),
+    latent_channels: int = typer.Option(8, "--latent-channels"),
+    lr: float = typer.Option(2e-3, "--lr"),
+    init: Optional[Path] = typer.Option(None, "--init", help="Continue from this VAE file."),
+    decoder_only: bool = typer.Option(False, "--decoder-only", help="With --init: fine-tune the decoder only (the latent space stays)."),
+):
+    """Reproduce the toy VAE (the teacher's latent space) from a seed (see cdmbench/toy/vae.py)."""
+    from cdmbench.toy.vae import ToyVAEArch, train_vae
+
+    if decoder_only and init is None:
+        raise CdmbenchError("--decoder-only needs --init FILE (the VAE whose encoder is kept)")
+    arch = ToyVAEArch(latent_channels=latent_channels)
+    typer.echo(json.dumps(train_vae(out, steps=steps, seed=seed, lr=lr, arch=arch, init=init, decoder_only=decoder_only), indent=2))
 
 
 @toy_app.command("train-evaluators")
