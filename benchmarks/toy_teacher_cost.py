@@ -3,7 +3,7 @@ next to the pixel teacher it replaced (MMDiT on 32×32×3 pixels, patch 4), meas
 process, interleaved, at the same batch; plus the VAE decode that a latent sample pays once. Prints a
 markdown table.
 
-    python benchmarks/toy_teacher_cost.py [--threads 2] [--batch 64] [--repeats 5]
+    python benchmarks/toy_teacher_cost.py [--threads 2] [--batch 64] [--repeats 5] [--model FILE]
 
 Both networks are the diffusers ``SD3Transformer2DModel`` of ``cdmbench.toy.models.build_transformer``;
 the pixel one is built from its recorded arch with fresh weights (cost does not depend on the values).
@@ -31,14 +31,16 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5, help="interleaved rounds; the median is reported")
     ap.add_argument("--calls", type=int, default=10, help="velocity calls per round")
+    ap.add_argument("--model", default=None, help="a toy teacher file (default: the shipped one)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     from cdmbench.backbones import build_backbone
+    from cdmbench.backbones.base import BackboneOptions
     from cdmbench.toy.models import PIXEL_ARCH, ToyArch, build_transformer
     from cdmbench.toy.shapes import eval_prompts
 
-    toy = build_backbone("toy")
+    toy = build_backbone("toy", BackboneOptions(model=args.model))
     pixel = build_transformer(ToyArch(patch_size=4, **PIXEL_ARCH)).eval().requires_grad_(False)
     prompts = [p.text for p in eval_prompts()]
     prompts = (prompts * (args.batch // len(prompts) + 1))[: args.batch]

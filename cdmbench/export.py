@@ -55,7 +55,7 @@ def export_student(backbone, student_state: dict[str, torch.Tensor], out_dir: st
     Returns:
         ``out_dir`` as a Path.
     """
-    from cdmbench.backbones.sd3 import DiffusersBackbone
+    from cdmbench.backbones.diffusers import DiffusersBackbone
 
     if not isinstance(backbone, DiffusersBackbone):
         raise CdmbenchError(f"export writes diffusers pipelines; backbone {backbone.name!r} is not one "

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from cdmbench.backbones.sd3 import DiffusersBackbone
+from cdmbench.backbones.diffusers import DiffusersBackbone
 from cdmbench.backbones.toy import ToyBackbone, load_toy_weights
 from cdmbench.backbones.base import BackboneOptions
 from cdmbench.toy import shapes
@@ -16,7 +16,7 @@ from cdmbench.toy.models import ToyArch
 from cdmbench.toy.vae import ToyVAEArch, load_vae_file, train_vae
 
 # Round-trip bound on real procedural images (mean |decode(encode(x)) − x| over pixels in [0, 1]); the
-# shipped VAE measures about ROUND_TRIP_MEASURED on these images (README, toy backbone section).
+# shipped VAE measures 0.0157 on these 96 images (99th percentile 0.097: anti-aliased edges and corners).
 ROUND_TRIP_BOUND = 0.02
 
 
@@ -49,6 +49,8 @@ def test_decode_is_the_sd3_adapters_vae_decode(toy):
 def test_encode_is_the_inverse_convention_with_factors_from_the_data(toy, real):
     cfg = toy.vae.config
     lat = toy.encode_images(real)
+    sd3_style = DiffusersBackbone._vae_encode(SimpleNamespace(pipe=SimpleNamespace(vae=toy.vae), device=toy.device), real)
+    torch.testing.assert_close(lat, sd3_style)
     z = toy.vae.encode(real * 2 - 1).latent_dist.mean
     torch.testing.assert_close(lat, (z - cfg.shift_factor) * cfg.scaling_factor)
     # the factors were computed from real images: their latents are centred with unit spread

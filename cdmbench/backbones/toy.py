@@ -107,7 +107,7 @@ class ToyBackbone(Backbone):
     def velocity(self, net: nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
         dtype = next(net.parameters()).dtype
         return net(
-            hidden_states=x.to(dtype), timestep=(1000 * sigma).to(dtype),
+            hidden_states=x.to(dtype), timestep=1000 * sigma.float(),  # fp32 whatever the network dtype (as SD3)
             encoder_hidden_states=cond.batched["embeds"].to(dtype),
             pooled_projections=cond.batched["pooled"].to(dtype), return_dict=False,
         )[0]
@@ -122,14 +122,14 @@ class ToyBackbone(Backbone):
         return decode_latents(self.vae, latents.float())
 
     @torch.no_grad()
-    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Images in [0, 1] → latents (z − shift_factor) · scaling_factor, the inverse convention of ``decode``;
-        z is a posterior sample drawn with ``generator`` (its mean without one)."""
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] → latents (z − shift_factor) · scaling_factor with z the posterior mean, as the SD3
+        adapter's ``_vae_encode`` (the inverse convention of ``decode``)."""
         if self.vae is None:
-            return images * 2 - 1
+            return images.float() * 2 - 1  # pixel space: latents are the images in [−1, 1]
         from cdmbench.toy.vae import encode_latents
 
-        return encode_latents(self.vae, images.to(self.device), generator)
+        return encode_latents(self.vae, images.float().to(self.device))
 
     def train_prompts(self, n: int, generator: torch.Generator) -> list[str]:
         from cdmbench.toy.shapes import random_captions
@@ -137,11 +137,24 @@ class ToyBackbone(Backbone):
         return random_captions(n, generator)
 
     def real_batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
+        """``n`` procedurally drawn shapes images (as latents) with their captions."""
         from cdmbench.toy.shapes import random_attrs, render, caption
 
         attrs = random_attrs(n, generator)
         images = render(attrs, generator).to(self.device)
-        return self.encode_images(images, generator), [caption(a) for a in attrs]
+        return self.encode_images(images), [caption(a) for a in attrs]
+
+    @property
+    def image_resolution(self) -> int:
+        from cdmbench.toy.shapes import RESOLUTION
+
+        return RESOLUTION
+
+    def data_source(self, *, seed: int, process_index: int = 0):
+        from cdmbench.data import ProceduralSource
+
+        return ProceduralSource(self.real_batch, "toy shapes (cdmbench.toy.shapes)", seed=seed,
+                                process_index=process_index)
 
     def describe(self) -> dict:
         vae = None if self.vae is None else {k: self.record["vae"][k] for k in ("scaling_factor", "shift_factor", "arch", "seed", "steps")}
