@@ -72,7 +72,7 @@ def train_teacher(
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
     warm = 200
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda k: min(1.0, (k + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + torch.cos(torch.tensor(k / steps * 3.14159)).item()))
+        opt, lambda k: min(1.0, (k + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + torch.cos(torch.tensor(k / max(1, steps) * 3.14159)).item()))
     )
     ema_text, ema_net = copy.deepcopy(text).eval(), copy.deepcopy(net).eval()
     for p in list(ema_text.parameters()) + list(ema_net.parameters()):

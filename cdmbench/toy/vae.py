@@ -140,7 +140,7 @@ def train_vae(
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
     warm = 100
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda k: min(1.0, (k + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + torch.cos(torch.tensor(k / steps * 3.14159)).item()))
+        opt, lambda k: min(1.0, (k + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + torch.cos(torch.tensor(k / max(1, steps) * 3.14159)).item()))
     )
     data = ShapesStream(seed=seed + 100, batch_size=batch_size)
     g = torch.Generator().manual_seed(seed + 101)
