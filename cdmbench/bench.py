@@ -73,6 +73,8 @@ def run_bench(
         "versions": ", ".join(f"{p} {_version(p)}" for p in VERSIONED),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "train minutes": ", ".join(f"{n} {m}" for n, m in trained.items()),
+        "global batch (processes × batch × accumulation), learning rates": "; ".join(
+            f"{n} {as_run_summary(workspace / 'runs' / f'{n}-{arch}')}" for n in names),
         "eval minutes": f"{eval_minutes:.1f}",
         "wall minutes": f"{(time.time() - started) / 60:.1f} (this invocation)",
         "eval": f"steps {', '.join(map(str, steps))}; seeds {', '.join(map(str, seeds))}; device {cfg.device}",
@@ -105,6 +107,17 @@ def train_or_keep(method: str, arch: str, run_dir: Path, progress: bool = True) 
         note = " (resumed)" if resume else ""
     minutes = read_json(done).get("train_minutes")
     return f"{minutes:.1f}{note}" if isinstance(minutes, (int, float)) else f"?{note}"
+
+
+def as_run_summary(run_dir: Path) -> str:
+    """'128 (8 × 16 × 1), lr student 1e-05 / fake_score 5e-06' from a run's recorded ``as_run`` (``config.json``)."""
+    from cdmbench.io import read_json
+
+    rec = read_json(Path(run_dir) / "config.json").get("as_run")
+    if not rec:
+        return "? (run recorded before cdmbench recorded it)"
+    lrs = " / ".join(f"{k} {v:g}" for k, v in sorted(rec["learning_rates"].items(), key=lambda kv: kv[0] != "student"))
+    return f"{rec['global_batch']} ({rec['world_size']} × {rec['batch_per_process']} × {rec['grad_accum']}), lr {lrs}"
 
 
 def _version(package: str) -> str:

@@ -19,8 +19,9 @@ from cdmbench.errors import CdmbenchError
 class TrainConfig:
     """What every method shares: budget, batch, seeds, EMA, checkpoints, precision."""
 
-    steps: int = 400  # training iterations (one ``train_step`` call each)
-    batch_size: int = 16  # prompts per iteration per process
+    steps: int = 400  # training iterations (optimiser steps; ``grad_accum`` ``train_step`` calls each)
+    batch_size: int = 16  # prompts per micro-batch per process
+    grad_accum: int = 1  # micro-batches per optimiser step: global batch = batch_size × processes × grad_accum
     seed: int = 0  # global seed; process i uses seed + i for its own randomness
     ema_decay: float = 0.999  # student EMA: decay_k = min((1+k)/(10+k), ema_decay), k = student updates
     grad_clip: float = 1.0  # max global grad norm per optimiser step (0 disables)
@@ -29,9 +30,16 @@ class TrainConfig:
     log_every: int = 10  # iterations between health-log rows
     mixed_precision: str = "no"  # no | bf16 | fp16 (accelerate autocast); losses stay fp32
     prompts: str | None = None  # training prompt file (one per line); None = the backbone's own source
+    # real image-caption data (cdmbench.data): an image folder with metadata.jsonl/.csv/.parquet, a folder written
+    # by datasets' save_to_disk, or webdataset .tar shards; None = the backbone's own source (the toy's shapes)
+    data: str | None = None
+    data_image_column: str | None = None  # None: the first image column
+    data_caption_column: str | None = None  # None: the first of text / caption / txt / prompt
+    data_cache: str | None = None  # folder for encoded latents (written once, read back); None = encode each time
 
     def __post_init__(self):
-        _check_positive(self, ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every"))
+        _check_positive(self, ("steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints",
+                               "log_every"))
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise CdmbenchError(f"train.mixed_precision must be one of no, bf16, fp16; got {self.mixed_precision!r}")
         if not 0 <= self.ema_decay < 1:

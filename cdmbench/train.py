@@ -119,8 +119,8 @@ class PromptSource:
             return self.backbone.train_prompts(n, generator)
         return [self.lines[int(i)] for i in torch.randint(len(self.lines), (n,), generator=generator)]
 
-    def __call__(self, step: int, n: int) -> list[str]:
-        g = torch.Generator().manual_seed(_mix(self.seed, step, self.rank))
+    def __call__(self, step: int, n: int, micro: int = 0) -> list[str]:
+        g = torch.Generator().manual_seed(_mix(self.seed, step, self.rank, *([micro] if micro else [])))
         if self.lines is None:
             return self.backbone.train_prompts(n, g)
         shard = self.lines[self.rank::self.world]
@@ -129,6 +129,16 @@ class PromptSource:
 
 def _mix(*xs: int) -> int:
     return int.from_bytes(hashlib.sha256(repr(xs).encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def run_record(cfg: RunConfig, world_size: int, specs: dict, data) -> dict:
+    """What a run used, as used (``config.json`` "as_run"): processes, batch per process, gradient accumulation,
+    global batch (= batch × processes × accumulation), each optimiser's learning rate, clip, data source."""
+    tc = cfg.train
+    return {"world_size": world_size, "batch_per_process": tc.batch_size, "grad_accum": tc.grad_accum,
+            "global_batch": tc.batch_size * world_size * tc.grad_accum,
+            "learning_rates": {name: spec.lr for name, spec in specs.items()}, "grad_clip": tc.grad_clip,
+            "data": data.describe() if data is not None else None}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -272,8 +282,10 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from cdmbench.backbones import build_backbone
+    from cdmbench.data import build_data_source
     from cdmbench.methods import METHODS
-    from cdmbench.methods.base import Batch
+    from cdmbench.methods.base import Batch, RunContext
+    from cdmbench.pairs import Processes
 
     run_dir = Path(run_dir)
     tc = cfg.train
@@ -299,12 +311,17 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
     options = dataclasses.replace(cfg.backbone, device=str(accelerator.device))
     backbone = build_backbone(cfg.arch, options)  # fails (missing weights, bad options) before any file is written
     prompts = PromptSource(backbone, tc.prompts, tc.seed, accelerator.process_index, accelerator.num_processes)
-    method = METHODS.get(cfg.method)(backbone, cfg.method_config)
+    data = build_data_source(backbone, spec=tc.data, seed=tc.seed, process_index=accelerator.process_index,
+                             num_processes=accelerator.num_processes, image_column=tc.data_image_column,
+                             caption_column=tc.data_caption_column, cache_dir=tc.data_cache)
+    # a method that needs real data on a backbone without any fails here, before any file is written
+    method = METHODS.get(cfg.method)(backbone, cfg.method_config, data_source=data)
     method.prompt_source = prompts.sample  # extra prompts a method draws (e.g. cached teacher pairs)
+    specs = method.optim_specs()
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "config.json", {**cfg.to_dict(), "world_size": accelerator.num_processes})
-    specs = method.optim_specs()
+        write_json(run_dir / "config.json", {**cfg.to_dict(), "world_size": accelerator.num_processes,
+                                             "as_run": run_record(cfg, accelerator.num_processes, specs, data)})
     optimizers, schedulers = {}, {}
     for name, spec in specs.items():
         params = [p for p in method.nets[name].parameters() if p.requires_grad]
@@ -328,6 +345,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
             load_full_optimizer_state(method.nets[name], optimizers[name], state["optimizers"][name])
             schedulers[name].load_state_dict(state["schedulers"][name])
         method.load_extra_state(extra)
+        if data is not None and "data" in state:
+            data.load_state_dict(state["data"])
         counts = dict(state["counts"])
         rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # one per process
         if len(rngs) == accelerator.num_processes:
@@ -339,6 +358,9 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
         start = int(meta["step"])
         prev_minutes = float(meta.get("minutes", 0.0))
 
+    # one-off work (e.g. DMD's teacher pairs, stored in the run folder), on every process, also on resume
+    method.prepare(RunContext(run_dir, Processes(accelerator.process_index, accelerator.num_processes,
+                                                 accelerator.wait_for_everyone), progress and main))
     log = HealthLog(run_dir, main, start)
     last_good = str(ckpt) if ckpt else "none yet"
     t_start = time.time() - 60 * prev_minutes  # training minutes accumulate across resumes
@@ -350,7 +372,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
         nets["student_ema"] = ema.read(lambda: backbone.net_state_dict(method.nets["student"]))
         state = {"optimizers": {n: full_optimizer_state(method.nets[n], o) for n, o in optimizers.items()},
                  "schedulers": {n: s.state_dict() for n, s in schedulers.items()},
-                 "counts": counts, "rng": gather_object([_rng_state(accelerator.device)])}
+                 "counts": counts, "rng": gather_object([_rng_state(accelerator.device)]),
+                 "data": data.state_dict() if data is not None else {}}  # the same on every process
         path = None
         if main:
             path = save_checkpoint(run_dir, step, nets, state, method.extra_state(),
@@ -370,52 +393,73 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
             if stop_after is not None and step - start >= stop_after:
                 log.close()
                 return Path(last_good)
-            batch_prompts = prompts(step, tc.batch_size)
-            batch = Batch(batch_prompts, backbone.encode_prompts(batch_prompts), shared_seed=_mix(tc.seed, step))
             expected = set(method.optimizers_for(step))
-            stepped: list[str] = []
             grad_norms: dict[str, float] = {}
+            for micro in range(tc.grad_accum):  # micro-batches; each network steps after the last one
+                batch_prompts = prompts(step, tc.batch_size, micro)
+                batch = Batch(batch_prompts, backbone.encode_prompts(batch_prompts),
+                              shared_seed=_mix(tc.seed, step, *([micro] if micro else [])))
+                stepped: list[str] = []
+                last = micro == tc.grad_accum - 1
 
-            def update(name: str, loss: torch.Tensor) -> None:
-                if name not in expected or name in stepped:
-                    raise RuntimeError(f"{cfg.method}: update({name!r}) at step {step}; optimizers_for says {sorted(expected)}")
-                if not torch.isfinite(loss):
-                    raise NonFiniteError(f"non-finite {name} loss ({loss.item()}) at iteration {step}; "
-                                         f"training stopped, last good checkpoint: {last_good}")
-                for ps in trainable.values():  # every network's gradients (= zero_grad(set_to_none=True))
-                    for p in ps:
-                        p.grad = None
-                accelerator.backward(loss)
-                params = trainable[name]
-                if tc.grad_clip > 0:
-                    gn = accelerator.clip_grad_norm_(params, tc.grad_clip)
-                else:
-                    gn = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-                if not torch.isfinite(torch.as_tensor(gn)):
-                    raise NonFiniteError(f"non-finite {name} gradient norm at iteration {step}; "
-                                         f"training stopped, last good checkpoint: {last_good}")
-                optimizers[name].step()
-                schedulers[name].step()
-                optimizers[name].zero_grad(set_to_none=True)
-                counts[name] += 1
-                grad_norms[f"grad_norm/{name}"] = float(gn)
-                stepped.append(name)
-                if name == "student":
-                    k = counts["student"] - 1
-                    ema.update(min((1 + k) / (10 + k), tc.ema_decay))
-                method.after_update(name)
+                def update(name: str, loss: torch.Tensor) -> None:
+                    if name not in expected or name in stepped:
+                        raise RuntimeError(f"{cfg.method}: update({name!r}) at step {step}; optimizers_for says {sorted(expected)}")
+                    if not torch.isfinite(loss):
+                        raise NonFiniteError(f"non-finite {name} loss ({loss.item()}) at iteration {step}; "
+                                             f"training stopped, last good checkpoint: {last_good}")
+                    params = trainable[name]
+                    # this loss's gradient goes to ``name`` only: other networks keep their accumulated
+                    # gradients, and what the loss leaks into them (e.g. DMD2's GAN generator loss through the
+                    # discriminator head) is dropped
+                    held = {n: [p.grad for p in ps] for n, ps in trainable.items() if n != name}
+                    for n in held:
+                        for p in trainable[n]:
+                            p.grad = None
+                    if micro == 0:
+                        for p in params:
+                            p.grad = None
+                    accelerator.backward(loss / tc.grad_accum)
+                    for n, grads in held.items():
+                        for p, g in zip(trainable[n], grads):
+                            p.grad = g
+                    stepped.append(name)
+                    if not last:
+                        return
+                    if tc.grad_clip > 0:
+                        gn = accelerator.clip_grad_norm_(params, tc.grad_clip)
+                    else:
+                        gn = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+                    if not torch.isfinite(torch.as_tensor(gn)):
+                        raise NonFiniteError(f"non-finite {name} gradient norm at iteration {step}; "
+                                             f"training stopped, last good checkpoint: {last_good}")
+                    optimizers[name].step()
+                    schedulers[name].step()
+                    optimizers[name].zero_grad(set_to_none=True)
+                    counts[name] += 1
+                    grad_norms[f"grad_norm/{name}"] = float(gn)
+                    if name == "student":
+                        # k = completed student updates (1 after the first): decay 0.182, 0.250, 0.308, …
+                        # (cdm.md §6; byliutao/cdm EMAModuleWrapper.step after student_step += 1)
+                        k = counts["student"]
+                        ema.update(min((1 + k) / (10 + k), tc.ema_decay))
+                    method.after_update(name)
 
-            with accelerator.autocast():
-                out = method.train_step(batch, step, update)
-            if set(stepped) != expected:
-                raise RuntimeError(f"{cfg.method}: stepped {sorted(stepped)} at iteration {step}, declared {sorted(expected)}")
-            missing = [k for k in out.losses if k not in method.loss_keys]
-            if missing:
-                raise RuntimeError(f"{cfg.method}: undeclared loss keys {missing}")
-            for k, v in [*((f"loss/{k}", v) for k, v in out.losses.items()),
-                         *((f"health/{k}", v) for k, v in out.logs.items()), *grad_norms.items()]:
-                acc = running.setdefault(k, [0.0, 0])  # means since the last log row: players that step
-                acc[0] += float(v)                     # on different iterations all show up
+                with accelerator.autocast():
+                    out = method.train_step(batch, step, update)
+                if set(stepped) != expected:
+                    raise RuntimeError(f"{cfg.method}: stepped {sorted(stepped)} at iteration {step}, declared {sorted(expected)}")
+                missing = [k for k in out.losses if k not in method.loss_keys]
+                if missing:
+                    raise RuntimeError(f"{cfg.method}: undeclared loss keys {missing}")
+                for k, v in [*((f"loss/{k}", v) for k, v in out.losses.items()),
+                             *((f"health/{k}", v) for k, v in out.logs.items())]:
+                    acc = running.setdefault(k, [0.0, 0])  # means since the last log row: players that step
+                    acc[0] += float(v)                     # on different iterations all show up
+                    acc[1] += 1
+            for k, v in grad_norms.items():
+                acc = running.setdefault(k, [0.0, 0])
+                acc[0] += v
                 acc[1] += 1
             if step % tc.log_every == 0 or step == tc.steps - 1:
                 values = {k: total / n for k, (total, n) in running.items()}

@@ -199,7 +199,7 @@ def test_default_sources_every_run_and_teacher_at_its_own_steps(workspace):
         ({"steps": (0, 1)}, r"steps: every value must be an integer >= 1, got 0"),
         ({"steps": ()}, r"steps: expected a non-empty tuple"),
         ({"seeds": (-1,)}, r"seeds: every value must be an integer >= 0"),
-        ({"metrics": ("fid", "pickscore")}, r"metrics: unknown metric 'pickscore'; valid metrics: attr_acc, clip, fid"),
+        ({"metrics": ("fid", "nosuchmetric")}, r"metrics: unknown metric 'nosuchmetric'; valid metrics: aesthetic, attr_acc, clip, "),
         ({"batch_size": 0}, r"batch_size must be a positive integer"),
         ({"num_prompts": 0}, r"num_prompts must be a positive integer"),
         ({"arch": "sdxl"}, r"arch: unknown backbone 'sdxl'; valid backbones: .*toy"),
@@ -237,5 +237,6 @@ def test_bench_keeps_finished_runs_and_reports_command_versions_and_times(worksp
     for package in ("cdmbench", "torch", "diffusers", "transformers"):
         assert package in text
     assert "cdm 0.0 (kept; not the default budget)" in text and "eval minutes" in text
+    assert "global batch (processes × batch × accumulation)" in text and "(1 × 2 × 1), lr student" in text
     df = read_results(workspace / "eval" / "bench-toy" / "results.csv")
     assert set(df.run) == {"teacher-toy", "cdm-toy", "dmd-toy"}

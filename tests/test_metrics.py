@@ -52,12 +52,12 @@ def prompts(n: int) -> list[str]:
 
 
 def test_registry_lists_every_metric_and_rejects_unknown_names():
-    assert METRICS.names() == ["attr_acc", "clip", "fid", "hps", "imagereward"]
-    with pytest.raises(UnknownNameError, match="valid metrics: attr_acc, clip, fid, hps, imagereward"):
-        METRICS.get("pickscore")
+    assert {"attr_acc", "clip", "fid", "hps", "imagereward", "pickscore", "vendi"} <= set(METRICS.names())
+    with pytest.raises(UnknownNameError, match="valid metrics: aesthetic, attr_acc, clip, coverage, "):
+        METRICS.get("nosuchmetric")
 
 
-@pytest.mark.parametrize("name", ["attr_acc", "clip", "fid", "hps", "imagereward"])
+@pytest.mark.parametrize("name", METRICS.names())
 def test_every_metric_declares_its_metadata(name):
     cls = METRICS.get(name)
     assert issubclass(cls, Metric) and cls.name == name
@@ -69,8 +69,10 @@ def test_every_metric_declares_its_metadata(name):
 
 
 def test_applicability_by_backbone():
-    assert {n for n in METRICS.names() if METRICS.get(n).applies_to("toy")} == {"attr_acc", "clip", "fid"}
-    assert {n for n in METRICS.names() if METRICS.get(n).applies_to("sd3")} == {"clip", "fid", "hps", "imagereward"}
+    generic = {"clip", "fid", "vendi", "precision", "recall", "density", "coverage", "teacher_fd", "teacher_dist"}
+    assert {n for n in METRICS.names() if METRICS.get(n).applies_to("toy")} == generic | {"attr_acc", "factor_w1", "detail"}
+    assert {n for n in METRICS.names() if METRICS.get(n).applies_to("sd3")} == generic | {
+        "hps", "imagereward", "pickscore", "aesthetic", "intra_lpips"}
     with pytest.raises(CdmbenchError, match="does not apply to backbone 'toy'"):
         build_metric("imagereward", "toy")
 
@@ -79,7 +81,7 @@ def test_importing_metrics_loads_no_heavy_library():
     code = (
         "import sys, cdmbench.eval.metrics, cdmbench.eval.results;"
         "heavy = [m for m in ('open_clip', 'torchmetrics', 'cleanfid', 'transformers', 'timm', 'ImageReward',"
-        " '_cdmbench_imagereward', 'scipy', 'matplotlib') if m in sys.modules];"
+        " '_cdmbench_imagereward', 'scipy', 'matplotlib', 'lpips') if m in sys.modules];"
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})

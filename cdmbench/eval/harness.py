@@ -544,6 +544,7 @@ def _score(ev: _Eval) -> Path:
 
 def _score_plan(ev: _Eval, plan: Plan, records: dict, names: list[str], options, metric) -> list[dict]:
     from cdmbench.eval.metrics import METRICS
+    from cdmbench.eval.metrics.sets import MetricSkipped
 
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     if plan.skipped:
@@ -559,6 +560,8 @@ def _score_plan(ev: _Eval, plan: Plan, records: dict, names: list[str], options,
         [[p.id, s, p.text, p.attrs, r["pixels_sha256"], r["checkpoint"]] for (p, s), r in zip(items, recs)]
     ).encode()).hexdigest()
 
+    teacher_recs, no_teacher = _teacher_reference(ev, plan, items, records)
+    teacher_set = hashlib.sha256(json.dumps([r["pixels_sha256"] for r in teacher_recs or []]).encode()).hexdigest()
     rows, todo = {}, []
     for n in names:
         cls = METRICS.get(n)
@@ -566,7 +569,11 @@ def _score_plan(ev: _Eval, plan: Plan, records: dict, names: list[str], options,
         if not applies:
             rows[n] = _row(plan, n, cls.higher_is_better, status=applies.status, timestamp=now)
             continue
-        key = _score_key(plan, n, image_set, options)
+        needs_teacher = getattr(cls, "needs_teacher", False)
+        if needs_teacher and no_teacher:
+            rows[n] = _row(plan, n, cls.higher_is_better, status=f"skipped: {no_teacher}", timestamp=now)
+            continue
+        key = _score_key(plan, n, image_set + (teacher_set if needs_teacher else ""), options)
         cached = ev.out / "cache" / "scores" / f"{key}.json"
         if cached.is_file():
             rows[n] = _row(plan, n, cls.higher_is_better, status="ok", **read_json(cached))
@@ -579,16 +586,43 @@ def _score_plan(ev: _Eval, plan: Plan, records: dict, names: list[str], options,
             images = read_pngs([ev.out / r["path"] for r in recs[lo:lo + SCORE_BATCH]])
             attrs = (torch.tensor([p.attrs for p, _ in chunk], dtype=torch.long)
                      if all(p.attrs is not None for p, _ in chunk) else None)
-            for *_, m in built:
+            teacher_images = None
+            for n, cls, _, m in built:
                 m.update(images, [p.text for p, _ in chunk], attrs)
+                if getattr(cls, "needs_teacher", False):
+                    if teacher_images is None:
+                        teacher_images = read_pngs([ev.out / r["path"] for r in teacher_recs[lo:lo + SCORE_BATCH]])
+                    m.update_teacher(teacher_images)
         for n, cls, path, m in built:
-            result = m.compute()
+            try:
+                result = m.compute()
+            except MetricSkipped as e:  # e.g. one seed per prompt for a diversity metric: a row, not a crash
+                rows[n] = _row(plan, n, cls.higher_is_better, status=f"skipped: {e}", timestamp=now)
+                continue
             ci_low, ci_high = result.interval()
             entry = {"value": float(result.value), "ci_low": ci_low, "ci_high": ci_high, "n": int(result.n),
                      "protocol": m.protocol, "timestamp": now}
             write_json(path, entry)  # atomic: a kill leaves no half entry
             rows[n] = _row(plan, n, cls.higher_is_better, status="ok", **entry)
     return [rows[n] for n in names]
+
+
+def _teacher_reference(ev: _Eval, plan: Plan, items, records: dict) -> tuple[list | None, str]:
+    """Manifest records of the teacher's images for ``items`` at the backbone's reference steps and default CFG
+    (what teacher-fidelity metrics compare a row with), or (None, why they are not available)."""
+    from cdmbench.backbones import BACKBONES
+
+    ref_steps = BACKBONES.get(plan.arch).default_teacher_steps
+    teachers = [s for s in ev.sources if isinstance(s, TeacherSource) and s.method == TEACHER and s.arch == plan.arch
+                and s.guidance is None and ref_steps in s.steps]
+    if not teachers:
+        return None, f"no teacher rows at the reference {ref_steps} steps in this eval (keep --teacher and its default steps)"
+    if plan.run == teachers[0].name and plan.steps == ref_steps:
+        return None, "this is the teacher reference row itself"
+    recs = [records.get(image_relpath(teachers[0].name, ref_steps, p.id, s)) for p, s in items]
+    if any(r is None for r in recs):
+        return None, f"the teacher's {ref_steps}-step images of these items are not generated"
+    return recs, ""
 
 
 def _row(plan: Plan, metric: str, higher_is_better: bool, *, status: str, timestamp: str, value: float = math.nan,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from cdmbench.registry import Registry
 
-METRICS: Registry = Registry("metric")
+METRICS: Registry = Registry("metric", entry_point_group="cdmbench.metrics")
 register = METRICS.register
 
 from cdmbench.eval.metrics.base import (  # noqa: E402
@@ -20,7 +20,10 @@ from cdmbench.eval.metrics.base import (  # noqa: E402
     PerImageMetric,
     bootstrap_ci,
 )
-from cdmbench.eval.metrics import attr_acc, clip_score, fid, hps, image_reward  # noqa: E402,F401  (register)
+from cdmbench.eval.metrics import (  # noqa: E402,F401  (register)
+    aesthetic, attr_acc, clip_score, detail, factor_coverage, fid, hps, image_reward, lpips_div, pickscore, prdc,
+    teacher_fd, vendi,
+)
 
 
 def build_metric(name: str, backbone_name: str, options: MetricOptions | None = None) -> Metric:

@@ -312,8 +312,7 @@ class FID(Metric):
             ref_path = options.fid_reference
             from cdmbench.toy import evaluators
 
-            clf = evaluators.load_toy_classifier().to(options.device).eval()
-            extractor = _on_device(clf.features, options.device)
+            extractor, protocol = feature_extractor_for(backbone_name, options)
             if ref_path is None:
                 mu, sigma, meta = evaluators.load_toy_fid_reference()
                 meta = dict(meta or {})
@@ -328,17 +327,28 @@ class FID(Metric):
                 reference = ReferenceStats(mu, sigma, name, meta.get("n"), meta)
             else:
                 reference = _load_reference(ref_path, extractor)
-            protocol = f"fid|toy-classifier-features-{clf.num_features}|float64"
-            return cls(extractor, reference, protocol)
+            return cls(extractor, reference, f"fid|{protocol}")
         ref_path = options.env("fid_reference", REFERENCE_ENV)
         if ref_path is None:
             raise MissingWeightsError(
                 f"FID on backbone {backbone_name!r} needs a reference set: pass fid_reference= "
                 f"(a folder of images or an .npz with mu/sigma) or set ${REFERENCE_ENV}"
             )
-        extractor = load_clean_inception(options.env("inception_path", INCEPTION_ENV), options.device)
-        protocol = "fid|clean-fid-inception-2015-12-05|mode=clean|uint8"
-        return cls(extractor, _load_reference(ref_path, extractor), protocol)
+        extractor, protocol = feature_extractor_for(backbone_name, options)
+        return cls(extractor, _load_reference(ref_path, extractor), f"fid|{protocol}")
+
+
+def feature_extractor_for(backbone_name: str, options: MetricOptions) -> tuple[FeatureExtractor, str]:
+    """(extractor, protocol) of the FID feature space for ``backbone_name``: the toy classifier's features
+    on the toy, clean-fid's Inception ("clean" mode) otherwise. Every feature-space metric (FID, Vendi,
+    PRDC, the teacher distances) uses it."""
+    if backbone_domain(backbone_name) == "shapes":
+        from cdmbench.toy import evaluators
+
+        clf = evaluators.load_toy_classifier().to(options.device).eval()
+        return _on_device(clf.features, options.device), f"toy-classifier-features-{clf.num_features}|float64"
+    extractor = load_clean_inception(options.env("inception_path", INCEPTION_ENV), options.device)
+    return extractor, "clean-fid-inception-2015-12-05|mode=clean|uint8"
 
 
 def _on_device(fn: FeatureExtractor, device: str) -> FeatureExtractor:
