@@ -18,6 +18,7 @@ import fcntl
 import hashlib
 import io
 import json
+import logging
 import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -27,10 +28,12 @@ from typing import Callable, Iterator, Protocol, Sequence
 import numpy as np
 import torch
 
-from cdmbench.errors import CdmbenchError
+from cdmbench.errors import CdmbenchError, CorruptStateError
 from cdmbench.io import atomic_path
 from cdmbench.seeding import StackedGenerator
 from cdmbench.prompts import Prompt
+
+logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.jsonl"
 IMAGES = "images"
@@ -54,6 +57,8 @@ class Plan:
     guidance: float = 1.0  # CFG scale, standard form (1 = none)
     nfe: int | None = None  # network evaluations per sample; a CFG step counts twice
     skipped: str = ""  # reason the source cannot sample at ``steps``; "" when it runs
+    row_run: str = ""  # the run name in result rows when ``run`` is an older checkpoint's image folder; "" = run
+    train: tuple[tuple[str, object], ...] = ()  # the weights' training record (``TRAIN_COLUMNS`` of a results row)
 
 
 class Sampler(Protocol):
@@ -91,40 +96,68 @@ class Manifest:
         self.path = Path(path)
 
     def read(self) -> dict[str, dict]:
-        """Image path → its last record. A torn final line (a kill during a write) is ignored."""
+        """Image path → its last record.
+
+        A line that is not a JSON record with a ``path`` (torn by a kill, or damaged) is skipped with one
+        warning: its image counts as missing and is generated again. A torn *final* line is an append in
+        progress (or cut short) and is skipped silently.
+        """
         if not self.path.is_file():
             return {}
-        text = self.path.read_text()
+        try:
+            text = self.path.read_bytes().decode("utf-8", errors="replace")
+        except OSError as e:
+            raise CorruptStateError(f"cannot read image manifest {self.path} ({e})") from None
         lines = text.split("\n")
         out: dict[str, dict] = {}
+        bad: list[int] = []
         for i, line in enumerate(lines):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError as e:
-                if i == len(lines) - 1:  # no trailing newline: the write was cut short
-                    continue
-                raise CdmbenchError(f"image manifest {self.path} line {i + 1} is not valid JSON ({e.msg}); "
-                                    f"delete the eval folder's manifest and images to regenerate") from e
+                if not isinstance(record, dict) or not isinstance(record.get("path"), str):
+                    raise ValueError("not a record")
+            except ValueError:
+                if i < len(lines) - 1:  # the final line without a newline is a write in progress
+                    bad.append(i + 1)
+                continue
             out[record["path"]] = record
+        if bad:
+            logger.warning("image manifest %s: ignoring %d unreadable line(s) (line %s); their images are "
+                           "generated again", self.path, len(bad), ", ".join(map(str, bad[:5])))
         return out
 
     def append(self, record: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        line = json.dumps(record, sort_keys=True) + "\n"
-        with open(self.path, "a") as f:
+        line = (json.dumps(record, sort_keys=True) + "\n").encode()
+        with open(self.path, "ab") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
-                if f.tell() > 0:  # a torn line from a killed writer must not swallow this one
-                    with open(self.path, "rb") as r:
-                        r.seek(-1, os.SEEK_END)
-                        if r.read(1) != b"\n":
-                            f.write("\n")
+                _drop_torn_tail(self.path, f)
                 f.write(line)
                 f.flush()
+                os.fsync(f.fileno())
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _drop_torn_tail(path: Path, f) -> None:
+    """Under the append lock: cut a final line that a killed writer left without its newline (repair)."""
+    size = os.fstat(f.fileno()).st_size
+    if size == 0:
+        return
+    with open(path, "rb") as r:
+        r.seek(max(0, size - (1 << 20)))
+        tail = r.read()
+    if tail.endswith(b"\n"):
+        return
+    cut = tail.rfind(b"\n")
+    keep = size - len(tail) + cut + 1 if cut >= 0 else (0 if size <= (1 << 20) else size)
+    if keep != size:
+        logger.warning("image manifest %s: dropping a line torn by an interrupted write", path)
+        os.truncate(path, keep)
+        f.seek(0, os.SEEK_END)
 
 
 def is_cached(record: dict | None, plan: Plan, prompt: Prompt, out: Path) -> bool:

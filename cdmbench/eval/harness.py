@@ -43,12 +43,15 @@ from cdmbench.eval.generate import (
     read_pngs,
     shard,
 )
-from cdmbench.io import read_json, write_json
+from cdmbench.eval.items import has_items, save_items
+from cdmbench.io import locked, read_json, write_json
+from cdmbench.paths import MAX_BATCH, MAX_INT, MAX_PROMPTS, MAX_SEEDS, MAX_STEPS, check_count, check_device, check_name
 from cdmbench.prompts import Prompt
 
 RESULTS = "results.csv"
 SCORE_BATCH = 64  # images per metric update; fixed so scores never depend on --batch-size
 TEACHER = "teacher"
+CHECKPOINT_MODES = ("latest", "all")
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,8 @@ class EvalConfig:
             sampled like the teacher at ``steps`` with their own CFG (default 1.0: no guidance).
         device: torch device for generation and scoring.
         progress: show progress bars and notes.
+        checkpoints: "latest" (each run's latest checkpoint) or "all" (every kept checkpoint, EMA weights: a
+            learning curve; rows carry the checkpoint's iteration and cumulative compute).
     """
 
     workspace: str = "workspace"
@@ -89,8 +94,11 @@ class EvalConfig:
     external: tuple[str, ...] = ()
     device: str = "cpu"
     progress: bool = True
+    checkpoints: str = "latest"
 
     def __post_init__(self):
+        if self.checkpoints not in CHECKPOINT_MODES:
+            raise CdmbenchError(f"checkpoints: expected one of {', '.join(CHECKPOINT_MODES)}, got {self.checkpoints!r}")
         _check_ints("steps", self.steps, minimum=1)
         if self.teacher_steps is not None:
             _check_ints("teacher_steps", self.teacher_steps, minimum=1)
@@ -121,10 +129,16 @@ class EvalConfig:
             name, sep, target = str(e).partition("=")
             if not sep or not name.strip() or not target.strip():
                 raise CdmbenchError(f"external: expected NAME=PATH_OR_ID, got {e!r}")
-        try:
-            torch.device(self.device)
-        except (RuntimeError, TypeError) as e:
-            raise CdmbenchError(f"device: {self.device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from e
+            check_name(name.strip(), "external NAME")  # it becomes a folder under images/
+        for r in self.runs or ():
+            check_name(r, "runs")
+        check_count(self.num_prompts, "num_prompts", maximum=MAX_PROMPTS)
+        check_count(self.batch_size, "batch_size", maximum=MAX_BATCH)
+        if max(self.steps) > MAX_STEPS or max(self.teacher_steps or (1,)) > MAX_STEPS:
+            raise CdmbenchError(f"steps: at most {MAX_STEPS} sampler steps")
+        if len(self.seeds) > MAX_SEEDS or max(self.seeds) > MAX_INT:
+            raise CdmbenchError(f"seeds: at most {MAX_SEEDS} seeds, each <= {MAX_INT}")
+        check_device(self.device, "device")
 
     @property
     def out_dir(self) -> Path:
@@ -154,7 +168,8 @@ def _check_names(name: str, values) -> None:
 
 @dataclass(frozen=True)
 class RunSource:
-    """A trained run folder, evaluated with its student's EMA weights at the latest checkpoint."""
+    """A trained run folder, evaluated with its student's EMA weights at one checkpoint (the latest, or an
+    older one under ``checkpoints="all"``: then ``name`` is ``RUN@STEP``, the folder of its images)."""
 
     name: str
     method: str
@@ -164,12 +179,13 @@ class RunSource:
     finished: bool
     steps: tuple[int, ...]
     options: BackboneOptions
+    run: str = ""  # the run's name in result rows; "" = name
 
     @property
     def config(self):
-        from cdmbench.train import RunConfig
+        from cdmbench.resume import read_run_config
 
-        return RunConfig.from_dict(read_json(self.run_dir / "config.json"))
+        return read_run_config(self.run_dir)
 
     def sampler(self, backbone, hashes: "FileHashes") -> "StudentSampler":
         return StudentSampler(self, backbone, hashes)
@@ -205,16 +221,17 @@ class StudentSampler:
             raise CdmbenchError(f"run {source.name!r}: checkpoint {source.checkpoint_dir} has no student_ema.safetensors")
         self.hash = hashes.sha256(self.weights)
         label = f"{source.checkpoint_dir.name} sha256:{self.hash[:12]}"
-        if not source.finished:
-            step = read_json(source.checkpoint_dir / "meta.json").get("step")
-            label += f" (unfinished run: latest checkpoint, iteration {step} of {cfg.train.steps})"
+        meta = read_json(source.checkpoint_dir / "meta.json", what="checkpoint meta")
+        if not source.finished and not source.run:
+            label += f" (unfinished run: latest checkpoint, iteration {meta.get('step')} of {cfg.train.steps})"
         self.label = label
+        self.train = train_record(cfg, meta, read_json(source.run_dir / "config.json").get("world_size", 1))
         self.loaded = False
 
     def plan(self, steps: int) -> Plan:
         s = self.source
         base = dict(run=s.name, method=self.method.name, arch=self.backbone.name, steps=steps,
-                    checkpoint=self.hash, checkpoint_label=self.label)
+                    checkpoint=self.hash, checkpoint_label=self.label, row_run=s.run, train=self.train)
         try:
             schedule = self.method.schedule(steps)  # check_steps inside: supported_steps as ClassVar or property
         except CdmbenchError as e:
@@ -227,9 +244,20 @@ class StudentSampler:
             from cdmbench.io import load_safetensors
 
             # strict, through the backbone: a full state dict, or LoRA adapters for a LoRA run
-            self.method.nets["student"] = self.backbone.load_net(load_safetensors(self.weights))
+            self.method.nets["student"] = self.backbone.load_net(load_safetensors(
+                self.weights, fix="resume the run's training (it falls back to an intact checkpoint) or retrain"))
             self.loaded = True
         return self.method.sample(noise, cond, steps, rng)
+
+
+def train_record(cfg, meta: dict, world_size: int) -> tuple[tuple[str, object], ...]:
+    """The ``TRAIN_COLUMNS`` of a checkpoint: training seed, iteration, compute so far, global batch."""
+    compute = meta.get("compute") or {}
+    teacher = (compute.get("passes") or {}).get("teacher") or {}
+    return (("train_seed", cfg.train.seed), ("train_step", meta.get("step")),
+            ("train_tflops", compute.get("train_tflops")), ("train_teacher_fwd", teacher.get("fwd_samples")),
+            ("train_minutes", meta.get("minutes")),
+            ("global_batch", cfg.train.batch_size * int(world_size) * int(getattr(cfg.train, "grad_accum", 1))))
 
 
 class TeacherSampler:
@@ -278,7 +306,10 @@ class FileHashes:
 
     def __init__(self, path: Path):
         self.path = path
-        self.table: dict = read_json(path) if path.is_file() else {}
+        try:
+            self.table: dict = read_json(path) if path.is_file() else {}
+        except CdmbenchError:  # a cache: a damaged one is rebuilt
+            self.table = {}
 
     def sha256(self, file: Path) -> str:
         st = file.stat()
@@ -336,16 +367,25 @@ class _Eval:
                     self.note(f"skipping run {d.parent.name}: no checkpoint yet")
         runs: list[RunSource] = []
         for n in names:
-            from cdmbench.train import RunConfig
+            from cdmbench.resume import read_run_config
 
             d = available[n]
-            saved = RunConfig.from_dict(read_json(d / "config.json"))
+            saved = read_run_config(d)
             # gradient checkpointing only matters for training; without it runs share the teacher's backbone
             opts = dataclasses.replace(saved.backbone, device=cfg.device, gradient_checkpointing=False)
             finished = (d / "done.json").is_file()
             if not finished:
                 self.note(f"run {n} is unfinished: evaluating its latest checkpoint {latest_checkpoint(d).name}")
-            runs.append(RunSource(n, saved.method, saved.arch, d, latest_checkpoint(d), finished, cfg.steps, opts))
+            latest = latest_checkpoint(d)
+            runs.append(RunSource(n, saved.method, saved.arch, d, latest, finished, cfg.steps, opts))
+            if cfg.checkpoints == "all":
+                from cdmbench.checkpoint import CKPT_DIR
+
+                for c in sorted((d / CKPT_DIR).glob("step_*")):
+                    if c.is_dir() and not c.name.endswith(".tmp") and c.name != latest.name:
+                        step = int(read_json(c / "meta.json")["step"])
+                        runs.append(RunSource(f"{n}@{step}", saved.method, saved.arch, d, c, finished, cfg.steps,
+                                              opts, run=n))
         teachers: list[TeacherSource] = []
         if cfg.teacher:
             archs = list(dict.fromkeys([r.arch for r in runs] + ([cfg.arch] if cfg.arch else [])))
@@ -382,6 +422,7 @@ class _Eval:
                 f"nothing to evaluate: no trained runs in {Path(cfg.workspace) / 'runs'}; train one with "
                 f"`cdmbench train METHOD`, or pass --arch to evaluate the teacher alone"
             )
+        self._check_state(externals, runs)
         self.prompts = {arch: self._prompts(arch) for arch in dict.fromkeys(s.arch for s in self.sources)}
         self.hashes = FileHashes(self.out / "cache" / "file_hashes.json")
         self.manifest = Manifest(self.out / MANIFEST)
@@ -390,6 +431,25 @@ class _Eval:
             self.groups.setdefault((src.arch, src.options), []).append(src)
         self._plans: dict[str, list[Plan]] = {}
         self._loaded: tuple = (None, None)  # (group key, backbone)
+
+    def _check_state(self, externals: list, runs: list) -> None:
+        """Before anything is generated: every run's checkpoint verifies (headers, recorded sizes), every
+        external path exists, and an existing results file reads (corruption is one line, not half an eval)."""
+        from cdmbench.checkpoint import verify_checkpoint
+        from cdmbench.errors import CorruptStateError
+        from cdmbench.eval.results import read_results
+
+        for r in runs:
+            bad = verify_checkpoint(r.checkpoint_dir)
+            if bad:
+                raise CorruptStateError(f"run {r.name!r}: its latest checkpoint cannot be used: {bad}; resume its "
+                                        f"training (`cdmbench train ... --resume` falls back to an intact checkpoint)")
+        for e in externals:
+            m = str(e.options.model)
+            if (m.startswith((".", "/", "~")) or m.count("/") > 1) and not Path(m).expanduser().exists():
+                raise CdmbenchError(f"external {e.name!r}: {m} does not exist (a local pipeline folder, or a hub id)")
+        if (self.out / RESULTS).is_file():
+            read_results(self.out / RESULTS)
 
     def _prompts(self, arch: str) -> list[Prompt]:
         from cdmbench.prompts import load_prompt_set
@@ -474,7 +534,6 @@ def generate(cfg: EvalConfig, *, process_index: int = 0, num_processes: int = 1,
 def _generate(ev: _Eval, process_index: int, num_processes: int, on_image: OnImage | None) -> int:
     cfg = ev.cfg
     shard([], process_index, num_processes)  # validate the split
-    records = ev.manifest.read()
     written = 0
     with _progress(cfg.progress) as bar:
         for source, backbone, sampler, plans in ev.walk(with_sampler=True):
@@ -482,13 +541,15 @@ def _generate(ev: _Eval, process_index: int, num_processes: int, on_image: OnIma
             for plan in plans:
                 if plan.skipped:
                     continue
-                todo = missing_items(plan, mine, records, ev.out)
-                if not todo:
-                    continue
-                task = bar.add_task(f"generate {plan.run} @ {plan.steps} steps", total=len(todo))
-                written += generate_images(sampler, plan, backbone, todo, ev.out, ev.manifest,
-                                           batch_size=cfg.batch_size, process_index=process_index,
-                                           on_image=on_image, advance=lambda k, t=task: bar.advance(t, k))
+                # plan-and-claim under a lock: a second eval of this share waits, then finds the images made
+                with locked(ev.out / "cache" / "locks" / f"{plan.run}@{plan.steps}-{process_index}of{num_processes}"):
+                    todo = missing_items(plan, mine, ev.manifest.read(), ev.out)
+                    if not todo:
+                        continue
+                    task = bar.add_task(f"generate {plan.run} @ {plan.steps} steps", total=len(todo))
+                    written += generate_images(sampler, plan, backbone, todo, ev.out, ev.manifest,
+                                               batch_size=cfg.batch_size, process_index=process_index,
+                                               on_image=on_image, advance=lambda k, t=task: bar.advance(t, k))
             del sampler  # free the student before the next source builds its own
     return written
 
@@ -535,8 +596,8 @@ def _score(ev: _Eval) -> Path:
                 rows = _score_plan(ev, plan, records, names, options, metric)
                 frame = normalize(pd.DataFrame(rows, columns=list(RESULT_COLUMNS)))
                 new = [r for r in frame.to_dict("records") if _row_key(r) not in have]
-                if new:
-                    append_rows(results, new)
+                if new:  # keyed: rows another eval appended meanwhile are not written twice
+                    append_rows(results, new, key=_row_key)
                     have.update(_row_key(r) for r in new)
                 bar.advance(task)
     return results
@@ -575,8 +636,8 @@ def _score_plan(ev: _Eval, plan: Plan, records: dict, names: list[str], options,
             continue
         key = _score_key(plan, n, image_set + (teacher_set if needs_teacher else ""), options)
         cached = ev.out / "cache" / "scores" / f"{key}.json"
-        if cached.is_file():
-            rows[n] = _row(plan, n, cls.higher_is_better, status="ok", **read_json(cached))
+        if cached.is_file() and (has_items(ev.out, plan.run, plan.steps, n) or not _keeps_items(cls)):
+            rows[n] = _row(plan, n, cls.higher_is_better, status="ok", **_read_score(cached))
         else:
             todo.append((n, cls, cached))
     if todo:
@@ -599,12 +660,29 @@ def _score_plan(ev: _Eval, plan: Plan, records: dict, names: list[str], options,
             except MetricSkipped as e:  # e.g. one seed per prompt for a diversity metric: a row, not a crash
                 rows[n] = _row(plan, n, cls.higher_is_better, status=f"skipped: {e}", timestamp=now)
                 continue
+            save_items(ev.out, plan.run, plan.steps, m, result, [(p.id, s) for p, s in items], plan.checkpoint)
             ci_low, ci_high = result.interval()
             entry = {"value": float(result.value), "ci_low": ci_low, "ci_high": ci_high, "n": int(result.n),
                      "protocol": m.protocol, "timestamp": now}
             write_json(path, entry)  # atomic: a kill leaves no half entry
             rows[n] = _row(plan, n, cls.higher_is_better, status="ok", **entry)
     return [rows[n] for n in names]
+
+
+def _keeps_items(cls) -> bool:
+    """Whether scoring keeps per-item data for this metric class (``cdmbench.eval.items``)."""
+    return bool(getattr(cls, "per_image", False)) or hasattr(cls, "item_features")
+
+
+def _read_score(path: Path) -> dict:
+    """A cached score entry; a damaged one is one line naming the file (delete it to recompute)."""
+    from cdmbench.errors import CorruptStateError
+
+    entry = read_json(path, what="score cache entry", fix="delete it to compute the score again")
+    keys = {"value", "ci_low", "ci_high", "n", "protocol", "timestamp"}
+    if not isinstance(entry, dict) or set(entry) != keys:
+        raise CorruptStateError(f"score cache entry {path} is incomplete; delete it to compute the score again")
+    return entry
 
 
 def _teacher_reference(ev: _Eval, plan: Plan, items, records: dict) -> tuple[list | None, str]:
@@ -627,8 +705,12 @@ def _teacher_reference(ev: _Eval, plan: Plan, items, records: dict) -> tuple[lis
 
 def _row(plan: Plan, metric: str, higher_is_better: bool, *, status: str, timestamp: str, value: float = math.nan,
          ci_low: float = math.nan, ci_high: float = math.nan, n: int = 0, protocol: str = "") -> dict:
+    from cdmbench.eval.results import TRAIN_COLUMNS
+
+    train = dict(plan.train)
     return {
-        "run": plan.run, "method": plan.method, "arch": plan.arch, "steps": plan.steps, "metric": metric,
+        **{c: train.get(c) for c in TRAIN_COLUMNS},
+        "run": plan.row_run or plan.run, "method": plan.method, "arch": plan.arch, "steps": plan.steps, "metric": metric,
         "value": value, "ci_low": ci_low, "ci_high": ci_high, "n": n, "higher_is_better": higher_is_better,
         "protocol": protocol, "nfe": plan.nfe,
         "sigmas_nominal": json.dumps([round(s, 6) for s in plan.sigmas_nominal]),
@@ -680,7 +762,12 @@ def run_eval(cfg: EvalConfig, *, on_image: OnImage | None = None) -> Path:
     _generate(ev, index, count, on_image)
     ev.release()
     barrier()
-    return _score(ev) if index == 0 else ev.out / RESULTS
+    if index != 0:
+        return ev.out / RESULTS
+    # the protocol a report's header names (prompt set, seeds); rewritten by every eval into this folder
+    write_json(ev.out / "eval_config.json", {**dataclasses.asdict(ev.cfg), "num_prompts_used": {
+        arch: len(p) for arch, p in ev.prompts.items()}})
+    return _score(ev)
 
 
 def _process_group(device: str):

@@ -82,6 +82,9 @@ class Method(ABC):
     paper: ClassVar[str] = ""
     # Steps this method's student can be sampled with; None means any positive integer.
     supported_steps: ClassVar[tuple[int, ...] | None] = None
+    # The config field that fixes the one step count a student is trained for (CD/PCM: phases), or None.
+    # ``cdmbench bench`` trains such a method once per evaluated step count and reports it as one row.
+    steps_field: ClassVar[str | None] = None
     # Per-backbone presets: overrides of the method config and of TrainConfig ("train.<field>").
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
 

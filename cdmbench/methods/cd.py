@@ -67,6 +67,7 @@ class CD(Method):
     Config = CDConfig
     paper = "Phased Consistency Models (PCM), arXiv 2405.18407; LCM, arXiv 2310.04378"
     loss_keys = ("consistency",)
+    steps_field = "phases"  # one student per phase count (PCM trains one model per phase count)
     presets = {
         "toy": {"student_lr": 1e-4, "solver_steps": 40,
                 "train.steps": 400, "train.batch_size": 16, "train.checkpoint_every": 100},

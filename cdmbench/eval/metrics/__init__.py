@@ -27,8 +27,12 @@ from cdmbench.eval.metrics import (  # noqa: E402,F401  (register)
 
 
 def build_metric(name: str, backbone_name: str, options: MetricOptions | None = None) -> Metric:
-    """The registered metric ``name`` with the model for ``backbone_name`` (loads weights)."""
-    return METRICS.get(name).from_options(backbone_name, options)
+    """The registered metric ``name`` with the model for ``backbone_name`` (loads weights; nothing is
+    downloaded unless the user opted in, ``base.downloads_allowed``)."""
+    from cdmbench.eval.metrics.base import no_downloads_unless_allowed
+
+    with no_downloads_unless_allowed():
+        return METRICS.get(name).from_options(backbone_name, options)
 
 
 __all__ = [
