@@ -287,6 +287,11 @@ case("toy/teacher-out-is-a-folder", "toy", "train-teacher", "--out", "{tmp}", ma
 case("toy/teacher-out-under-a-file", "toy", "train-teacher", "--out", "{tmp}/afile/t.safetensors",
      match="not a folder")
 case("toy/teacher-no-out", "toy", "train-teacher", match="--out")
+case("toy/teacher-no-vae", *T, match="--vae: required")
+case("toy/teacher-vae-missing", *T, "--vae", "/nonexistent/vae.safetensors", match="--vae")
+case("toy/vae-steps=0", "toy", "train-vae", "--out", "{tmp}/v.safetensors", "--steps", "0", match="--steps")
+case("toy/vae-decoder-only-without-init", "toy", "train-vae", "--out", "{tmp}/v.safetensors", "--decoder-only",
+     match="--decoder-only")
 case("toy/evaluators-out-is-a-file", "toy", "train-evaluators", "--out-dir", "{tmp}/afile", match="not a folder")
 case("toy/evaluators-seed", "toy", "train-evaluators", "--out-dir", "{tmp}/ev", "--seed", "-2", match="--seed")
 case("toy/unknown-command", "toy", "nope", match="No such command")
