@@ -345,10 +345,12 @@ def list_metrics():
 @friendly
 def toy_train_teacher(
     out: Path = typer.Option(..., "--out", help="Where to write the teacher safetensors."),
+    vae: Optional[Path] = typer.Option(None, "--vae", help="The toy VAE file (`cdmbench toy train-vae`), required; embedded in the teacher file."),
     steps: int = typer.Option(8000, "--steps"),
     seed: int = typer.Option(0, "--seed"),
     lr: float = typer.Option(1e-3, "--lr"),
-    init: Optional[Path] = typer.Option(None, "--init", help="Continue from this teacher file."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Warm-start from this teacher file (tensors of matching shape)."),
+    save_every: int = typer.Option(0, "--save-every", help="Also write --out every N steps (0: at the end only)."),
 ):
     """Reproduce the shipped toy teacher from a seed (see cdmbench/toy/train_teacher.py)."""
     import math
@@ -356,7 +358,7 @@ def toy_train_teacher(
     from cdmbench.paths import MAX_INT, MAX_TRAIN_STEPS, check_count, check_writable_dir
     from cdmbench.toy.train_teacher import train_teacher
 
-    check_count(steps, "--steps", maximum=MAX_TRAIN_STEPS)
+    check_count(steps, "--steps", minimum=0 if init is not None else 1, maximum=MAX_TRAIN_STEPS)  # 0: re-pack --init with --vae
     check_count(seed, "--seed", minimum=0, maximum=MAX_INT)
     if not (math.isfinite(lr) and lr > 0):
         raise CdmbenchError(f"--lr must be a positive number, got {lr}")
@@ -365,8 +367,45 @@ def toy_train_teacher(
     if out.is_dir():
         raise CdmbenchError(f"--out {out} is a folder; pass the teacher's .safetensors file path")
     check_writable_dir(out.parent, "--out")
+    if vae is None or not vae.is_file():
+        raise CdmbenchError(f"--vae: {'required' if vae is None else f'no toy VAE file at {vae}'}; "
+                            f"build one with `cdmbench toy train-vae`")
 
-    typer.echo(json.dumps(train_teacher(out, steps=steps, seed=seed, lr=lr, init=init), indent=2))
+    typer.echo(json.dumps(train_teacher(out, vae, steps=steps, seed=seed, lr=lr, init=init, save_every=save_every),
+                          indent=2, default=str))
+
+
+@toy_app.command("train-vae")
+@friendly
+def toy_train_vae(
+    out: Path = typer.Option(..., "--out", help="Where to write the VAE safetensors."),
+    steps: int = typer.Option(2000, "--steps"),
+    seed: int = typer.Option(0, "--seed"),
+    latent_channels: int = typer.Option(8, "--latent-channels"),
+    lr: float = typer.Option(2e-3, "--lr"),
+    init: Optional[Path] = typer.Option(None, "--init", help="Continue from this VAE file."),
+    decoder_only: bool = typer.Option(False, "--decoder-only", help="With --init: fine-tune the decoder only (the latent space stays)."),
+):
+    """Reproduce the toy VAE (the teacher's latent space) from a seed (see cdmbench/toy/vae.py)."""
+    import math
+
+    from cdmbench.paths import MAX_INT, MAX_TRAIN_STEPS, check_count, check_writable_dir
+    from cdmbench.toy.vae import ToyVAEArch, train_vae
+
+    check_count(steps, "--steps", maximum=MAX_TRAIN_STEPS)
+    check_count(seed, "--seed", minimum=0, maximum=MAX_INT)
+    check_count(latent_channels, "--latent-channels", maximum=64)
+    if not (math.isfinite(lr) and lr > 0):
+        raise CdmbenchError(f"--lr must be a positive number, got {lr}")
+    if init is not None and not init.is_file():
+        raise CdmbenchError(f"--init: no toy VAE file at {init}")
+    if decoder_only and init is None:
+        raise CdmbenchError("--decoder-only needs --init FILE (the VAE whose encoder is kept)")
+    if out.is_dir():
+        raise CdmbenchError(f"--out {out} is a folder; pass the VAE's .safetensors file path")
+    check_writable_dir(out.parent, "--out")
+    arch = ToyVAEArch(latent_channels=latent_channels)
+    typer.echo(json.dumps(train_vae(out, steps=steps, seed=seed, lr=lr, arch=arch, init=init, decoder_only=decoder_only), indent=2))
 
 
 @toy_app.command("train-evaluators")
