@@ -225,7 +225,7 @@ def fork_at_budget(src: Path, dst: Path, cfg, budget: float, progress: bool = Tr
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns(CKPT_DIR, "done.json", "tensorboard"))
     shutil.copytree(start, dst / CKPT_DIR / start.name)
     write_text(dst / CKPT_DIR / "latest", start.name + "\n")
-    train(cfg, dst, resume=True, progress=progress)
+    train(cfg, dst, resume=True, force=True, progress=progress)  # only the budget differs (a safe change)
 
 
 def _match_compute(arch, runs, configs, workspace: Path, eval_cfg, progress):
