@@ -8,8 +8,9 @@ config: ``shift_factor`` = mean and ``scaling_factor`` = 1 / std of posterior sa
 sees latents = (z − shift) · scale of unit variance, and decoding is ``vae.decode(latents / scale +
 shift)`` exactly as the SD3 adapter does (cdm.md §1).
 
-Reproduce the shipped VAE: ``cdmbench toy train-vae --out /tmp/toy_vae.safetensors --steps 3000 --seed 0``
-(then ``cdmbench toy train-teacher --vae /tmp/toy_vae.safetensors …`` embeds it into the teacher file).
+Reproduce the shipped VAE: ``cdmbench toy train-vae --out vae.safetensors --steps 2000 --seed 0``, then
+``--init vae.safetensors --decoder-only --steps 600 --lr 1e-3 --seed 1`` (README, toy backbone section);
+``cdmbench toy train-teacher --vae FILE …`` embeds a VAE into the teacher file.
 """
 
 from __future__ import annotations
