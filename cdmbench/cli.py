@@ -283,6 +283,7 @@ def bench(
     match_compute: bool = typer.Option(False, "--match-compute", help="Also compare every method at the compute of the cheapest one."),
     set_: List[str] = typer.Option([], "--set", help="Override a setting of every run: key=value (e.g. train.steps=40)."),
     num_prompts: Optional[int] = typer.Option(None, "--num-prompts", help="Evaluate the first N prompts."),
+    curve_checkpoints: int = typer.Option(4, "--curve-checkpoints", help="Checkpoints kept and evaluated per run (learning-curve points)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ):
     """Train every method at its default budget (finished runs are kept), evaluate every kept checkpoint,
@@ -305,7 +306,8 @@ def bench(
     check_writable_dir(out, "--out")
     path = run_bench(arch.value, names, step_list, workspace, out, seeds=seed_list, argv=sys.argv,
                      train_seeds=parse_int_list(train_seeds, name="train-seeds"), match_compute=match_compute,
-                     overrides=parse_overrides(set_), num_prompts=num_prompts, progress=not quiet)
+                     overrides=parse_overrides(set_), curve_checkpoints=curve_checkpoints, num_prompts=num_prompts,
+                     progress=not quiet)
     typer.echo(f"report: {path}")
 
 
