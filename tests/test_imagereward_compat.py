@@ -109,13 +109,13 @@ def test_a_special_tokens_only_tokenizer_fails_clearly(tiny_ir, tmp_path):
     _, d = tiny_ir
     (tmp_path / "vocab.txt").write_text("\n".join(VOCAB[:5]) + "\n")  # what from_pretrained gives offline
     with pytest.raises(MissingWeightsError, match=f"has 7 tokens .* expects vocab_size={len(VOCAB) + 2}") as e:
-        build_metric("imagereward", "sd3", options(d, bert_tokenizer_path=str(tmp_path / "vocab.txt")))
+        build_metric("imagereward", options=options(d, bert_tokenizer_path=str(tmp_path / "vocab.txt")))
     assert "\n" not in str(e.value)
 
 
 def test_metric_equals_the_package_score_through_the_local_path_loader(tiny_ir):
     model, d = tiny_ir
-    m = build_metric("imagereward", "sd3", options(d))
+    m = build_metric("imagereward", options=options(d))
     assert m.protocol == "imagereward-v1.0|blip|ckpt=ImageReward.pt|score=z-normalised reward"
     imgs = batch()
     m.update(imgs[:3], PROMPTS[:3])
@@ -131,7 +131,7 @@ def test_checkpoint_missing_weights_is_an_error(tiny_ir, tmp_path):
     sd = {k: v for k, v in model.state_dict().items() if not k.startswith("mlp.")}
     torch.save(sd, tmp_path / "ImageReward.pt")
     with pytest.raises(CdmbenchError, match="lacks 10 ImageReward weights"):
-        build_metric("imagereward", "sd3", options(d, imagereward_path=str(tmp_path / "ImageReward.pt")))
+        build_metric("imagereward", options=options(d, imagereward_path=str(tmp_path / "ImageReward.pt")))
 
 
 def test_missing_weights_offline_are_one_line_errors(tiny_ir, tmp_path, monkeypatch):
@@ -152,7 +152,7 @@ def test_missing_weights_offline_are_one_line_errors(tiny_ir, tmp_path, monkeypa
     ]
     for opts, pattern in cases:
         with pytest.raises(MissingWeightsError, match=pattern) as e:
-            build_metric("imagereward", "sd3", opts)
+            build_metric("imagereward", options=opts)
         assert "\n" not in str(e.value)
 
 
@@ -161,7 +161,7 @@ def test_missing_package_is_a_one_line_import_error(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ImageReward" else real(name, *a))
     with pytest.raises(ImportError, match="pip install --no-deps image-reward==1.5 fairscale==0.4.13") as e:
-        build_metric("imagereward", "sd3")
+        build_metric("imagereward")
     assert isinstance(e.value, CdmbenchError)
 
 
@@ -174,6 +174,6 @@ def test_full_size_random_imagereward_scores(tmp_path):
     (tmp_path / "med_config.json").write_text(json.dumps(cfg))
     model = compat.build_imagereward(tmp_path / "med_config.json", compat.load_bert_tokenizer(tmp_path / "vocab.txt"))
     torch.save(model.state_dict(), tmp_path / "ImageReward.pt")
-    m = build_metric("imagereward", "sd3", options(tmp_path))
+    m = build_metric("imagereward", options=options(tmp_path))
     m.update(batch(2), PROMPTS[:2])
     assert np.isfinite(m.compute().per_image).all()

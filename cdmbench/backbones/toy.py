@@ -17,6 +17,7 @@ from torch import nn
 from cdmbench.backbones import BACKBONES
 from cdmbench.backbones.base import Backbone, BackboneOptions, Cond
 from cdmbench.errors import CdmbenchError, MissingWeightsError
+from cdmbench.types import ATTRS, Evaluators, Prompt
 
 TEACHER_ASSET = "toy_teacher.safetensors"
 
@@ -52,7 +53,6 @@ class ToyBackbone(Backbone):
     """Micro SD3 (MMDiT) teacher on 32×32 RGB shapes; runs everything on a CPU."""
 
     shift = 3.0
-    image_domain = "shapes"
     default_guidance = 4.0
     default_teacher_steps = 28
     fsdp_block_classes = ("JointTransformerBlock",)
@@ -107,6 +107,35 @@ class ToyBackbone(Backbone):
         attrs = random_attrs(n, generator)
         images = render(attrs, generator).to(self.device)
         return images * 2 - 1, [caption(a) for a in attrs]
+
+    # -- how its images are scored: the toy evaluators (cdmbench.toy.evaluators) -------------------
+    @classmethod
+    def evaluators(cls) -> Evaluators:
+        """Toy-classifier FID features with shipped reference stats, the toy CLIP and the toy attribute
+        classifier; HPS and ImageReward rate natural images and do not apply to 32×32 shapes."""
+        from cdmbench.toy import evaluators as ev
+
+        shapes = "rates natural images; the toy backbone draws 32x32 shapes"
+        return Evaluators(fid=ev.fid_features, clip=ev.clip_model, attributes=ev.attribute_model,
+                          not_applicable={"hps": f"HPS v2.1 {shapes}", "imagereward": f"ImageReward {shapes}"})
+
+    @classmethod
+    def prompt_set(cls) -> list[Prompt]:
+        """The fixed, versioned toy prompt set (``cdmbench.toy.shapes.eval_prompts``) with attribute labels."""
+        from cdmbench.toy.shapes import eval_prompts
+
+        return eval_prompts()
+
+    @classmethod
+    def annotate_prompts(cls, prompts: list[Prompt]) -> list[Prompt]:
+        """Attribute labels (``meta[ATTRS]``) when every caption is in the shapes grammar, else the prompts as read."""
+        from cdmbench.toy.shapes import parse_caption
+
+        try:
+            attrs = [parse_caption(p.text) for p in prompts]
+        except CdmbenchError:
+            return prompts
+        return [Prompt(p.id, p.text, {**p.meta, ATTRS: a}) for p, a in zip(prompts, attrs)]
 
     def describe(self) -> dict:
         return {**super().describe(), "model": str(self.weights_path.name if not self.options.model else self.options.model)}

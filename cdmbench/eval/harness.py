@@ -60,7 +60,8 @@ class EvalConfig:
         steps: student step counts.
         runs: run names in ``WORKSPACE/runs``; None = every trained run.
         metrics: registered metric names; None = every registered metric.
-        prompts: prompt set name ("default", "toy") or a prompt file (``cdmbench.prompts``).
+        prompts: a bundled prompt set ("default": the backbone's own; ``cdmbench.prompts.bundled_sets``) or a
+            prompt file (``cdmbench.prompts``).
         num_prompts: use the first N prompts; None = all.
         seeds: seeds per prompt; a sample is (prompt id, seed).
         batch_size: generation batch size (images do not depend on it beyond float rounding).
@@ -107,7 +108,9 @@ class EvalConfig:
                 if m not in METRICS:
                     raise UnknownNameError(f"metrics: unknown metric {m!r}; valid metrics: {', '.join(METRICS.names())}")
         if not str(self.prompts).strip():
-            raise CdmbenchError("prompts: empty; pass a prompt set name (default, toy) or a prompt file")
+            from cdmbench.prompts import bundled_sets
+
+            raise CdmbenchError(f"prompts: empty; pass a prompt set name ({', '.join(bundled_sets())}) or a prompt file")
         if self.num_prompts is not None and (not isinstance(self.num_prompts, int) or self.num_prompts < 1):
             raise CdmbenchError(f"num_prompts must be a positive integer or None, got {self.num_prompts!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -523,7 +526,7 @@ def _score(ev: _Eval) -> Path:
         if (name, arch) not in built:
             from cdmbench.eval.metrics import build_metric
 
-            built[(name, arch)] = build_metric(name, arch, options)
+            built[(name, arch)] = build_metric(name, _evaluators(arch), options)
         m = built[(name, arch)]
         m.reset()
         return m
@@ -556,13 +559,13 @@ def _score_plan(ev: _Eval, plan: Plan, records: dict, names: list[str], options,
         raise CdmbenchError(f"{missing} of {len(items)} images of {plan.run} at {plan.steps} steps are missing from "
                             f"{ev.out}; run the generation phase first (cdmbench eval does both)")
     image_set = hashlib.sha256(json.dumps(
-        [[p.id, s, p.text, p.attrs, r["pixels_sha256"], r["checkpoint"]] for (p, s), r in zip(items, recs)]
-    ).encode()).hexdigest()
+        [[p.id, s, p.text, dict(p.meta), r["pixels_sha256"], r["checkpoint"]] for (p, s), r in zip(items, recs)],
+        sort_keys=True).encode()).hexdigest()
 
     rows, todo = {}, []
     for n in names:
         cls = METRICS.get(n)
-        applies = cls.applies_to(plan.arch)
+        applies = cls.applies_to(_evaluators(plan.arch))
         if not applies:
             rows[n] = _row(plan, n, cls.higher_is_better, status=applies.status, timestamp=now)
             continue
@@ -577,10 +580,8 @@ def _score_plan(ev: _Eval, plan: Plan, records: dict, names: list[str], options,
         for lo in range(0, len(items), SCORE_BATCH):
             chunk = items[lo:lo + SCORE_BATCH]
             images = read_pngs([ev.out / r["path"] for r in recs[lo:lo + SCORE_BATCH]])
-            attrs = (torch.tensor([p.attrs for p, _ in chunk], dtype=torch.long)
-                     if all(p.attrs is not None for p, _ in chunk) else None)
             for *_, m in built:
-                m.update(images, [p.text for p, _ in chunk], attrs)
+                m.update(images, [p for p, _ in chunk])
         for n, cls, path, m in built:
             result = m.compute()
             ci_low, ci_high = result.interval()
@@ -589,6 +590,13 @@ def _score_plan(ev: _Eval, plan: Plan, records: dict, names: list[str], options,
             write_json(path, entry)  # atomic: a kill leaves no half entry
             rows[n] = _row(plan, n, cls.higher_is_better, status="ok", **entry)
     return [rows[n] for n in names]
+
+
+def _evaluators(arch: str):
+    """What backbone ``arch`` declares its images are scored with (``Backbone.evaluators``)."""
+    from cdmbench.backbones import BACKBONES
+
+    return BACKBONES.get(arch).evaluators()
 
 
 def _row(plan: Plan, metric: str, higher_is_better: bool, *, status: str, timestamp: str, value: float = math.nan,

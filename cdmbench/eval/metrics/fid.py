@@ -1,8 +1,9 @@
 """Fréchet Inception Distance (Heusel et al., 2017), streaming, float64, against named reference stats.
 
 One Fréchet-distance implementation (``frechet_distance``) serves every feature extractor:
-- toy backbone: the toy classifier's ``features`` with the shipped reference statistics;
-- natural images: clean-fid's Inception (``inception-2015-12-05.pt``) with the "clean" resize mode
+- a backbone's declared extractor (``Evaluators.fid`` → ``FIDFeatures``), e.g. a classifier's
+  penultimate features with reference statistics the backbone ships;
+- the real default: clean-fid's Inception (``inception-2015-12-05.pt``) with the "clean" resize mode
   (Parmar et al., 2022: PIL bicubic to 299×299 on the float image) and a named reference set (a folder
   of images or a precomputed ``.npz`` of mu/sigma).
 Images are quantised to uint8 first, exactly as a saved PNG, so scoring tensors and scoring the saved
@@ -15,7 +16,7 @@ import dataclasses
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -26,11 +27,12 @@ from cdmbench.eval.metrics.base import (
     Metric,
     MetricOptions,
     MetricResult,
-    backbone_domain,
+    PromptLike,
     check_batch,
     offline,
     to_uint8_hwc,
 )
+from cdmbench.types import Evaluators
 
 FeatureExtractor = Callable[[torch.Tensor], torch.Tensor]  # (B, 3, H, W) float [0, 1] -> (B, F)
 
@@ -149,6 +151,24 @@ def reference_from_folder(folder: str | Path, extractor: FeatureExtractor, batch
     return ReferenceStats.from_features(folder_features(folder, extractor, batch_size), folder.name)
 
 
+@dataclass(frozen=True)
+class FIDFeatures:
+    """A backbone's FID feature space (what ``Evaluators.fid`` loads), as torchmetrics' ``feature=``.
+
+    Args:
+        extractor: (B, 3, H, W) float [0, 1] → (B, F) features, on the device it was loaded for.
+        protocol: extractor + preprocessing identity (the reference name is appended by ``FID``).
+        reference: loads the extractor's own reference statistics; None = the reference comes from
+            ``fid_reference`` / $CDMBENCH_FID_REF as for the default extractor. A declared reference is used
+            instead of $CDMBENCH_FID_REF (which names a set for the default extractor); an explicit
+            ``fid_reference`` still wins.
+    """
+
+    extractor: FeatureExtractor
+    protocol: str
+    reference: Callable[[], ReferenceStats] | None = None
+
+
 # --------------------------------------------------------------------------------------------------
 # clean-fid's Inception ("clean" mode)
 
@@ -260,8 +280,8 @@ class FID(Metric):
         self.count = 0
 
     @torch.no_grad()
-    def update(self, images: torch.Tensor, prompts: list[str], attrs: torch.Tensor | None = None) -> None:
-        check_batch(images, prompts, attrs)
+    def update(self, images: torch.Tensor, prompts: Sequence[PromptLike]) -> None:
+        check_batch(images, prompts)
         self.update_features(self.feature_extractor(images))
 
     def update_features(self, features: torch.Tensor) -> None:
@@ -303,46 +323,25 @@ class FID(Metric):
         self.count += int(state["count"])
 
     @classmethod
-    def from_options(cls, backbone_name: str, options: MetricOptions | None = None) -> "FID":
-        """toy: toy-classifier features, shipped reference stats unless ``fid_reference`` is given.
-        natural: clean-fid Inception ("clean" mode) from ``inception_path`` / $CDMBENCH_INCEPTION_PATH /
-        clean-fid's cache; reference from ``fid_reference`` / $CDMBENCH_FID_REF (folder or .npz), required."""
+    def from_options(cls, evaluators: Evaluators, options: MetricOptions | None = None) -> "FID":
+        """The declared ``evaluators.fid`` features with their own reference unless ``fid_reference`` is given;
+        else clean-fid Inception ("clean" mode) from ``inception_path`` / $CDMBENCH_INCEPTION_PATH / clean-fid's
+        cache, with the reference from ``fid_reference`` / $CDMBENCH_FID_REF (folder or .npz), required."""
+        cls._require_applicable(evaluators)
         options = options or MetricOptions()
-        if backbone_domain(backbone_name) == "shapes":  # $CDMBENCH_FID_REF names a natural-image set: not used here
-            ref_path = options.fid_reference
-            from cdmbench.toy import evaluators
-
-            clf = evaluators.load_toy_classifier().to(options.device).eval()
-            extractor = _on_device(clf.features, options.device)
-            if ref_path is None:
-                mu, sigma, meta = evaluators.load_toy_fid_reference()
-                meta = dict(meta or {})
-                sha = meta.get("extractor_sha256")
-                if sha is not None and sha != evaluators.file_sha256(evaluators.default_classifier_path()):
-                    raise CdmbenchError(
-                        "the shipped toy FID reference was computed with another toy classifier file; "
-                        "rebuild the assets"
-                    )
-                name = f"toy-shipped:{meta.get('version', 'unversioned')}"
-                mu, sigma = np.asarray(_np(mu), np.float64), np.asarray(_np(sigma), np.float64)
-                reference = ReferenceStats(mu, sigma, name, meta.get("n"), meta)
-            else:
-                reference = _load_reference(ref_path, extractor)
-            protocol = f"fid|toy-classifier-features-{clf.num_features}|float64"
-            return cls(extractor, reference, protocol)
+        spec: FIDFeatures | None = evaluators.fid(options.device) if evaluators.fid is not None else None
+        if spec is not None and spec.reference is not None and options.fid_reference is None:
+            return cls(spec.extractor, spec.reference(), spec.protocol)
         ref_path = options.env("fid_reference", REFERENCE_ENV)
         if ref_path is None:
             raise MissingWeightsError(
-                f"FID on backbone {backbone_name!r} needs a reference set: pass fid_reference= "
-                f"(a folder of images or an .npz with mu/sigma) or set ${REFERENCE_ENV}"
+                f"FID with {spec.protocol if spec else 'the default clean-fid Inception'} needs a reference set: "
+                f"pass fid_reference= (a folder of images or an .npz with mu/sigma) or set ${REFERENCE_ENV}"
             )
-        extractor = load_clean_inception(options.env("inception_path", INCEPTION_ENV), options.device)
-        protocol = "fid|clean-fid-inception-2015-12-05|mode=clean|uint8"
-        return cls(extractor, _load_reference(ref_path, extractor), protocol)
-
-
-def _on_device(fn: FeatureExtractor, device: str) -> FeatureExtractor:
-    return lambda images: fn(images.to(device))
+        if spec is None:
+            extractor = load_clean_inception(options.env("inception_path", INCEPTION_ENV), options.device)
+            spec = FIDFeatures(extractor, "fid|clean-fid-inception-2015-12-05|mode=clean|uint8")
+        return cls(spec.extractor, _load_reference(ref_path, spec.extractor), spec.protocol)
 
 
 def _load_reference(path: str, extractor: FeatureExtractor) -> ReferenceStats:
@@ -355,11 +354,12 @@ def _load_reference(path: str, extractor: FeatureExtractor) -> ReferenceStats:
 
 
 def compute_reference_stats(
-    folder: str | Path, out_path: str | Path, backbone_name: str, options: MetricOptions | None = None
+    folder: str | Path, out_path: str | Path, evaluators: Evaluators | None = None,
+    options: MetricOptions | None = None,
 ) -> ReferenceStats:
-    """Precompute a folder's reference statistics once, with ``backbone_name``'s FID extractor, into an
-    .npz that ``fid_reference`` can name later (its file stem becomes the reference name)."""
+    """Precompute a folder's reference statistics once, with the FID extractor ``evaluators`` declares (None:
+    clean-fid Inception), into an .npz that ``fid_reference`` can name later (its stem becomes the name)."""
     options = dataclasses.replace(options or MetricOptions(), fid_reference=str(folder))
-    ref = FID.from_options(backbone_name, options).reference
+    ref = FID.from_options(evaluators or Evaluators(), options).reference
     ref.save(out_path)
     return dataclasses.replace(ref, name=Path(out_path).stem)
