@@ -24,34 +24,17 @@ if importlib.util.find_spec("ImageReward") is None:  # its own __init__ cannot i
 
 from cdmbench.eval.metrics import _imagereward_compat as compat  # noqa: E402
 
-WORDS = "a an the red green blue yellow circle square triangle in at top bottom left right small large photo of dog".split()
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+VOCAB = list(compat.TINY_VOCAB)
 PROMPTS = ["a red circle in the top left", "a large blue square", "a photo of a dog", "small yellow triangle"]
-TINY_VIT = compat.VitSpec(image_size=64, patch_size=32, width=64, depth=2, heads=1)
-
-
-def med_config(vocab_size: int) -> dict:
-    # ImageReward's med_config.json with a 1-layer BERT (hidden 768 is fixed by the reward head)
-    return {
-        "architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
-        "hidden_dropout_prob": 0.1, "hidden_size": 768, "initializer_range": 0.02, "intermediate_size": 64,
-        "layer_norm_eps": 1e-12, "max_position_embeddings": 64, "model_type": "bert", "num_attention_heads": 12,
-        "num_hidden_layers": 1, "pad_token_id": 0, "type_vocab_size": 2, "vocab_size": vocab_size,
-        "encoder_width": 768, "add_cross_attention": True,
-    }
+TINY_VIT = compat.TINY_VIT
+med_config = compat.tiny_med_config
 
 
 @pytest.fixture(scope="module")
 def tiny_ir(tmp_path_factory):
     """A random small ImageReward saved as the user's files are: weights .pt, med_config.json, vocab.txt."""
     d = tmp_path_factory.mktemp("imagereward")
-    (d / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
-    (d / "med_config.json").write_text(json.dumps(med_config(len(VOCAB) + 2)))
-    torch.manual_seed(0)
-    model = compat.build_imagereward(d / "med_config.json", compat.load_bert_tokenizer(d / "vocab.txt"), TINY_VIT)
-    with torch.no_grad():  # the stock head init gives near-constant rewards; widen it so prompts matter
-        for p in model.mlp.parameters():
-            p.normal_(0, 0.3)
+    model = compat.build_tiny_imagereward(d)
     torch.save(model.state_dict(), d / "ImageReward.pt")
     return model, d
 

@@ -178,6 +178,12 @@ class Backbone(ABC):
         """Real training latents with captions (only for methods that need real data, e.g. DMD2's GAN)."""
         raise CdmbenchError(f"backbone {self.name!r} has no real training data; this method setting needs it")
 
+    @classmethod
+    def tiny(cls, workdir: Path) -> "Backbone":
+        """A small instance without downloads for the contract checks (``cdmbench.testing.BACKBONE_CHECKS``);
+        any files it needs (e.g. a tiny pipeline folder) go under ``workdir``."""
+        raise NotImplementedError(f"{cls.__name__} has no tiny() test instance; the backbone contract tests need one")
+
     # -- what the eval layer scores this backbone's images with (style.md principle 16) -------------
     # Class methods: the harness asks before (and without) building the backbone.
     @classmethod

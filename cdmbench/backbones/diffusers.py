@@ -266,3 +266,26 @@ class DiffusersBackbone(Backbone):
             s = self.schedule(steps)
             logger.info("%s: %d-step σ nominal %s → effective %s", self.name, steps,
                         [round(x, 4) for x in s.nominal], [round(x, 4) for x in s.effective])
+
+
+# ------------------------------------------------------------------------------------------------
+# Tiny pipelines for tests (``Backbone.tiny``): built from configs and saved with ``save_pretrained``, so
+# they load through the same ``from_pretrained`` path as a hub id. Recipe and dimension rules: shared
+# notes/deps.md ("Tiny local pipelines"). Tokenizers are byte-level with an empty merge list, built
+# locally, so nothing touches the hub.
+
+TINY_RESOLUTION = 32  # pixels of the tiny pipelines: VAE ×2, then patch 2 (SD3) or 2×2 packing (LongCat) → 8×8 tokens
+TINY_TEXT_LEN = 16  # text tokens the tiny backbones encode (the real defaults are 256 / 512)
+
+
+def tiny_byte_chars() -> list[str]:
+    """The byte-level alphabet: the whole vocabulary of the tiny pipelines' tokenizers."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    return sorted(ByteLevel.alphabet())
+
+
+def eval_modules(*modules: nn.Module) -> None:
+    for m in modules:
+        m.eval()  # freshly built modules are in train mode (T5 dropout)
+

@@ -108,6 +108,11 @@ class ToyBackbone(Backbone):
         images = render(attrs, generator).to(self.device)
         return images * 2 - 1, [caption(a) for a in attrs]
 
+    @classmethod
+    def tiny(cls, workdir: Path) -> "ToyBackbone":
+        """The shipped toy is small already."""
+        return cls()
+
     # -- how its images are scored: the toy evaluators (cdmbench.toy.evaluators) -------------------
     @classmethod
     def evaluators(cls) -> Evaluators:

@@ -233,6 +233,12 @@ class Metric(ABC):
         """Build the metric with the model ``evaluators`` declares, else its real default; loads weights."""
 
     @classmethod
+    def tiny(cls, workdir: Path) -> "Metric":
+        """A small instance with random or dummy models and no downloads, for the contract checks
+        (``cdmbench.testing.METRIC_CHECKS``); any files it needs go under ``workdir``."""
+        raise NotImplementedError(f"{cls.__name__} has no tiny() test instance; the metric contract tests need one")
+
+    @classmethod
     def _require_applicable(cls, evaluators: Evaluators) -> None:
         a = cls.applies_to(evaluators)
         if not a:

@@ -111,6 +111,30 @@ def load_openclip(model_name: str, pretrained: str | None, device: str, what: st
     return model.eval(), PILBatchPreprocess(preprocess), open_clip.get_tokenizer(model_name)
 
 
+TINY_CLIP = "cdmbench-tiny-clip"  # a random open_clip model for tests (``tiny_open_clip``)
+TINY_CLIP_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def tiny_open_clip(workdir: Path, seed: int = 0):
+    """(model, batched preprocess, tokenizer) of a random tiny open_clip CLIP (config written under ``workdir``)."""
+    import json
+
+    import open_clip
+
+    folder = Path(workdir) / "open_clip"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{TINY_CLIP}.json").write_text(json.dumps(TINY_CLIP_CONFIG))
+    open_clip.add_model_config(folder)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model, _, transform = open_clip.create_model_and_transforms(TINY_CLIP, pretrained=None)
+    return model.eval(), PILBatchPreprocess(transform), open_clip.get_tokenizer(TINY_CLIP)
+
+
 @METRICS.register("clip")
 class CLIPScore(PerImageMetric):
     """CLIP score: per image 100 · max(cos, 0), mean over images.
@@ -134,6 +158,10 @@ class CLIPScore(PerImageMetric):
         cos = openclip_cosine(self.model, self.preprocess, self.tokenizer, images, [p.text for p in prompts],
                               self.prefix)
         return 100.0 * np.maximum(cos, 0.0)
+
+    @classmethod
+    def tiny(cls, workdir: Path) -> "CLIPScore":
+        return cls(*tiny_open_clip(workdir), f"open_clip:{TINY_CLIP}:random")
 
     @classmethod
     def from_options(cls, evaluators: Evaluators, options: MetricOptions | None = None) -> "CLIPScore":

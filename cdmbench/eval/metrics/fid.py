@@ -169,6 +169,23 @@ class FIDFeatures:
     reference: Callable[[], ReferenceStats] | None = None
 
 
+class RandomFeatures(torch.nn.Module):
+    """A stand-in extractor for tests (torchmetrics' ``_DummyFeatureExtractor``): average-pool to 8×8, then a
+    fixed random projection to ``num_features``; any image size."""
+
+    def __init__(self, num_features: int = 12, seed: int = 1):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.num_features = num_features
+        self.proj = torch.nn.Linear(3 * 64, num_features)
+        with torch.no_grad():
+            self.proj.weight.copy_(torch.randn(num_features, 3 * 64, generator=g) / 8.0)
+            self.proj.bias.zero_()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.proj(torch.nn.functional.adaptive_avg_pool2d(images.float(), 8).flatten(1))
+
+
 # --------------------------------------------------------------------------------------------------
 # clean-fid's Inception ("clean" mode)
 
@@ -321,6 +338,14 @@ class FID(Metric):
         self.feat_sum += torch.as_tensor(state["feat_sum"], dtype=torch.float64)
         self.feat_outer_sum += torch.as_tensor(state["feat_outer_sum"], dtype=torch.float64)
         self.count += int(state["count"])
+
+    @classmethod
+    def tiny(cls, workdir: Path) -> "FID":
+        """Random-projection features against the statistics of 64 random images."""
+        extractor = RandomFeatures()
+        with torch.no_grad():
+            ref = extractor(torch.rand(64, 3, 16, 16, generator=torch.Generator().manual_seed(0)))
+        return cls(extractor, ReferenceStats.from_features(ref, "tiny-random"), "fid|random-features")
 
     @classmethod
     def from_options(cls, evaluators: Evaluators, options: MetricOptions | None = None) -> "FID":

@@ -15,7 +15,7 @@ import torch
 
 from cdmbench.eval.metrics import METRICS
 from cdmbench.eval.metrics.base import MetricOptions, PerImageMetric, resolve_weights
-from cdmbench.eval.metrics.clip_score import load_openclip, openclip_cosine
+from cdmbench.eval.metrics.clip_score import TINY_CLIP, load_openclip, openclip_cosine, tiny_open_clip
 from cdmbench.types import Evaluators
 
 HPS_FILE = "HPS_v2.1_compressed.pt"
@@ -55,6 +55,11 @@ class HPSv21(PerImageMetric):
 
     def score_batch(self, images, prompts):
         return 100.0 * openclip_cosine(self.model, self.preprocess, self.tokenizer, images, [p.text for p in prompts])
+
+    @classmethod
+    def tiny(cls, workdir: Path) -> "HPSv21":
+        """The HPS scoring path on a random tiny open_clip model."""
+        return cls(*tiny_open_clip(workdir), checkpoint="random", arch=TINY_CLIP)
 
     @classmethod
     def from_options(cls, evaluators: Evaluators, options: MetricOptions | None = None) -> "HPSv21":

@@ -62,6 +62,13 @@ class ImageRewardScore(PerImageMetric):
         return imagereward_scores(self.model, images, [p.text for p in prompts])
 
     @classmethod
+    def tiny(cls, workdir: Path) -> "ImageRewardScore":
+        """A random small ImageReward of the package's own classes (``_imagereward_compat.build_tiny_imagereward``)."""
+        from cdmbench.eval.metrics import _imagereward_compat as compat
+
+        return cls(compat.build_tiny_imagereward(Path(workdir) / "imagereward"), "random")
+
+    @classmethod
     def from_options(cls, evaluators: Evaluators, options: MetricOptions | None = None) -> "ImageRewardScore":
         """Weights from ``imagereward_path`` / $CDMBENCH_IMAGEREWARD_PATH, ``imagereward_med_config`` /
         $CDMBENCH_IMAGEREWARD_MED_CONFIG (else ~/.cache/ImageReward, where ``ImageReward.load`` puts them,
