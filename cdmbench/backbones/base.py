@@ -178,6 +178,21 @@ class Backbone(ABC):
         """Real training latents with captions (only for methods that need real data, e.g. DMD2's GAN)."""
         raise CdmbenchError(f"backbone {self.name!r} has no real training data; this method setting needs it")
 
+    # -- real training data (cdmbench.data) ------------------------------------------------------
+    @property
+    def image_resolution(self) -> int:
+        """Side in pixels of the square images this backbone's latents decode to (and encode from)."""
+        raise CdmbenchError(f"backbone {self.name!r} does not work on images of a fixed size")
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images, float in [0, 1], (B, 3, r, r) with r = ``image_resolution`` → clean latents (B, *latent_shape)."""
+        raise CdmbenchError(f"backbone {self.name!r} cannot encode images, so it cannot train on train.data")
+
+    def data_source(self, *, seed: int, process_index: int = 0):
+        """The backbone's own training data (a ``cdmbench.data.DataSource``) when ``train.data`` is not set;
+        ``None``: it has none (methods that need real data then ask for ``train.data``)."""
+        return None
+
     @classmethod
     def tiny(cls, workdir: Path) -> "Backbone":
         """A small instance without downloads for the contract checks (``cdmbench.testing.BACKBONE_CHECKS``);

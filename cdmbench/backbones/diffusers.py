@@ -205,6 +205,17 @@ class DiffusersBackbone(Backbone):
         z = latents.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
         return ((vae.decode(z, return_dict=False)[0].float() + 1) / 2).clamp(0, 1)
 
+    @torch.no_grad()
+    def _vae_encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] → normalised VAE latents (the posterior mean): (z − shift)·scale."""
+        vae = self.pipe.vae
+        z = vae.encode((images * 2 - 1).to(self.device, vae.dtype), return_dict=False)[0].mode()
+        return (z.float() - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+
+    @property
+    def image_resolution(self) -> int:
+        return self.resolution
+
     def trainable_copy(self) -> nn.Module:
         """Full fine-tuning: an fp32 copy of the teacher. LoRA (``lora_rank > 0``): a copy of the teacher in its
         own dtype, frozen, with fp32 peft adapters on ``lora_target_modules`` as the only trainable weights."""

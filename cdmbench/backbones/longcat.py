@@ -10,6 +10,7 @@ and CFG renormalisation (pipeline defaults) are never used: the text processor i
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,31 @@ from cdmbench.backbones.base import BackboneOptions, Cond
 from cdmbench.backbones.diffusers import (TINY_RESOLUTION, TINY_TEXT_LEN, DiffusersBackbone, eval_modules,
                                           tiny_byte_chars)
 from cdmbench.errors import CdmbenchError
+
+
+def _swap_timestep(module, args):
+    t = getattr(module, "_cdmbench_timestep", None)
+    return None if t is None else (t, *args[1:])
+
+
+@contextmanager
+def _fp32_timestep(net: nn.Module, sigma: torch.Tensor):
+    """Feed the time embedding 1000·σ in fp32 whatever the network dtype.
+
+    ``LongCatImageTransformer2DModel.forward`` casts its timestep to the hidden-state dtype before the
+    embedding (so does the stock pipeline's ``t.to(latents.dtype)``): in bf16 σ would be rounded to steps of
+    2⁻⁸ (1000·σ to steps of ~4 near σ = 1). A forward pre-hook on ``time_embed`` swaps the rounded value for
+    the fp32 one for the duration of this call; the sinusoids are computed in fp32 and cast after, as in SD3.
+    """
+    te = getattr(net, "module", net).time_embed
+    if not getattr(te, "_cdmbench_fp32_timestep", False):  # once per module (deep copies keep the hook)
+        te.register_forward_pre_hook(_swap_timestep)
+        te._cdmbench_fp32_timestep = True
+    te._cdmbench_timestep = 1000 * sigma.float()
+    try:
+        yield
+    finally:
+        te._cdmbench_timestep = None
 
 
 @BACKBONES.register("longcat")
@@ -73,15 +99,20 @@ class LongCatBackbone(DiffusersBackbone):
 
     def velocity(self, net: nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
         dtype = next(net.parameters()).dtype
-        return net(
-            hidden_states=x.to(dtype), timestep=sigma.to(dtype), guidance=None,
-            encoder_hidden_states=cond.batched["embeds"].to(dtype),
-            txt_ids=cond.shared["txt_ids"], img_ids=cond.shared["img_ids"], return_dict=False,
-        )[0]
+        with _fp32_timestep(net, sigma):
+            return net(
+                hidden_states=x.to(dtype), timestep=sigma.to(dtype), guidance=None,
+                encoder_hidden_states=cond.batched["embeds"].to(dtype),
+                txt_ids=cond.shared["txt_ids"], img_ids=cond.shared["img_ids"], return_dict=False,
+            )[0]
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         unpacked = self.pipe._unpack_latents(latents, self.resolution, self.resolution, self.pipe.vae_scale_factor)
         return self._vae_decode(unpacked)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        z = self._vae_encode(images)  # (B, 16, H/8, W/8) → 2×2-packed (B, (H/16)(W/16), 64)
+        return self.pipe._pack_latents(z, z.shape[0], z.shape[1], z.shape[2], z.shape[3])
 
     def inference_recipe(self) -> dict[str, dict[str, Any]]:
         recipe = super().inference_recipe()

@@ -71,13 +71,18 @@ class SD3Backbone(DiffusersBackbone):
     def velocity(self, net: nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
         dtype = next(net.parameters()).dtype
         return net(
-            hidden_states=x.to(dtype), timestep=(self.pipe.scheduler.config.num_train_timesteps * sigma).to(dtype),
+            # fp32 timesteps whatever the network dtype, as the SD3 pipeline passes them (bf16 would round 1000·σ
+            # to steps of 4); the time embedding computes its sinusoids in fp32 and casts after
+            hidden_states=x.to(dtype), timestep=self.pipe.scheduler.config.num_train_timesteps * sigma.float(),
             encoder_hidden_states=cond.batched["embeds"].to(dtype),
             pooled_projections=cond.batched["pooled"].to(dtype), return_dict=False,
         )[0]
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self._vae_decode(latents)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        return self._vae_encode(images)
 
     def inference_recipe(self) -> dict[str, dict[str, Any]]:
         recipe = super().inference_recipe()

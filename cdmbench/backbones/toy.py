@@ -88,7 +88,7 @@ class ToyBackbone(Backbone):
     def velocity(self, net: nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
         dtype = next(net.parameters()).dtype
         return net(
-            hidden_states=x.to(dtype), timestep=(1000 * sigma).to(dtype),
+            hidden_states=x.to(dtype), timestep=1000 * sigma.float(),  # fp32 whatever the network dtype (as SD3)
             encoder_hidden_states=cond.batched["embeds"].to(dtype),
             pooled_projections=cond.batched["pooled"].to(dtype), return_dict=False,
         )[0]
@@ -102,11 +102,25 @@ class ToyBackbone(Backbone):
         return random_captions(n, generator)
 
     def real_batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
+        """``n`` procedurally drawn shapes images (as latents) with their captions."""
         from cdmbench.toy.shapes import random_attrs, render, caption
 
         attrs = random_attrs(n, generator)
         images = render(attrs, generator).to(self.device)
-        return images * 2 - 1, [caption(a) for a in attrs]
+        return self.encode_images(images), [caption(a) for a in attrs]
+
+    @property
+    def image_resolution(self) -> int:
+        return self.latent_shape[-1]
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        return images.float() * 2 - 1  # pixel space: latents are the images in [−1, 1]
+
+    def data_source(self, *, seed: int, process_index: int = 0):
+        from cdmbench.data import ProceduralSource
+
+        return ProceduralSource(self.real_batch, "toy shapes (cdmbench.toy.shapes)", seed=seed,
+                                process_index=process_index)
 
     @classmethod
     def tiny(cls, workdir: Path) -> "ToyBackbone":

@@ -286,7 +286,8 @@ class CDM(Method):
             else:  # extrapolate along the student's own rollout velocity
                 x_s = euler_step(ro.X[i, ar], sig_i, s_s, ro.V[i, ar])
         x0_hat = to_x0(x_s, s_s, self.v("student", x_s, s_s, cond))
-        base = {TeacherX0Base.X0_FINAL: ro.X[N], TeacherX0Base.X0_NEXT: ro.X0[i + 1, ar],
+        # x0_next is X0[idx+1] at the *shared* index even when the student point uses i = N−1 (official code)
+        base = {TeacherX0Base.X0_FINAL: ro.X[N], TeacherX0Base.X0_NEXT: ro.X0[idx + 1, ar],
                 TeacherX0Base.STUDENT_PRED: x0_hat.detach()}[c.teacher_x0_base]
         if c.teacher_xt_mode is TeacherXtMode.SHARE_STUDENT:
             return self.dm_loss(x0_hat, sig_i, cond, c.teacher_sigma_method, s_t=s_s, x_t=x_s.detach())
