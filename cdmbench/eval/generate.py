@@ -1,5 +1,8 @@
 """The generation phase: (row source, steps, prompts × seeds) → PNG files plus an append-only manifest.
 
+``generate_source`` runs every plan of one source (``cdmbench.eval.sources``) over its missing samples;
+the harness calls it once per source and nothing here calls back into the harness.
+
 A sample's identity is (prompt id, seed) (style.md principle 8; EDM ``generate.py``): its initial noise
 comes from its own generator, so it is the same at any batch size, on any shard, for every method and
 step count. The phase is resumable: an image whose manifest line (same weights hash, σ grid, CFG and
@@ -19,50 +22,21 @@ import hashlib
 import io
 import json
 import os
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from cdmbench.errors import CdmbenchError
+from cdmbench.eval.sources import Plan, Sampler
 from cdmbench.io import atomic_path
 from cdmbench.seeding import StackedGenerator
-from cdmbench.prompts import Prompt
+from cdmbench.types import Prompt
 
 MANIFEST = "manifest.jsonl"
 IMAGES = "images"
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What one (row source, steps) pair runs: its σ grid, CFG scale and NFE, or why it is skipped.
-
-    ``checkpoint`` is the weights hash (cache identity); ``checkpoint_label`` is what result rows show.
-    """
-
-    run: str
-    method: str  # method name, or "teacher"
-    arch: str
-    steps: int
-    checkpoint: str
-    checkpoint_label: str
-    sigmas_nominal: tuple[float, ...] = ()
-    sigmas_effective: tuple[float, ...] = ()
-    guidance: float = 1.0  # CFG scale, standard form (1 = none)
-    nfe: int | None = None  # network evaluations per sample; a CFG step counts twice
-    skipped: str = ""  # reason the source cannot sample at ``steps``; "" when it runs
-
-
-class Sampler(Protocol):
-    """A row source bound to a built backbone: the teacher, or a method's student with loaded weights."""
-
-    def plan(self, steps: int) -> Plan: ...
-
-    def sample(self, noise: torch.Tensor, cond, steps: int, rng: StackedGenerator) -> torch.Tensor:
-        """Latents at σ = 0 for ``noise`` (B, *latent_shape)."""
 
 
 OnImage = Callable[[dict], None]  # called with each new manifest record, after it is written
@@ -240,4 +214,40 @@ def generate_images(
                 advance(1)
             if on_image is not None:
                 on_image(record)
+    return written
+
+
+def generate_source(
+    sampler: Sampler,
+    plans: Sequence[Plan],
+    backbone,
+    items: Sequence[tuple[Prompt, int]],
+    out: Path,
+    manifest: Manifest,
+    records: dict[str, dict],
+    *,
+    batch_size: int,
+    process_index: int = 0,
+    on_image: OnImage | None = None,
+    progress=None,
+) -> int:
+    """Generate the missing ``items`` of every runnable plan of one source; returns how many were written.
+
+    Args:
+        records: the manifest as read before this phase (image path → record), for the cache check.
+        progress: a ``rich.progress.Progress`` to add one task per plan to, or None.
+    """
+    written = 0
+    for plan in plans:
+        if plan.skipped:
+            continue
+        todo = missing_items(plan, items, records, out)
+        if not todo:
+            continue
+        advance = None
+        if progress is not None:
+            task = progress.add_task(f"generate {plan.run} @ {plan.steps} steps", total=len(todo))
+            advance = lambda k, t=task: progress.advance(t, k)  # noqa: E731
+        written += generate_images(sampler, plan, backbone, todo, out, manifest, batch_size=batch_size,
+                                   process_index=process_index, on_image=on_image, advance=advance)
     return written

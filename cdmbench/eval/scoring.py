@@ -1,0 +1,159 @@
+"""The scoring phase: one (source, steps) image set, read back from disk → one tidy row per metric.
+
+A computed score is cached under ``OUT/cache/scores/``, keyed by run, steps, metric, options and a hash
+of the exact image set (prompt ids, seeds, texts, metadata, pixel hashes, weights), so re-scoring a
+finished eval only reads caches; rows already in the results file are not written twice. A metric is
+built once per (metric, backbone) with the models that backbone declares (``Backbone.evaluators``), and
+a metric that does not apply gives a "not_applicable: <reason>" row, a skipped plan "skipped: <reason>".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+
+from cdmbench.errors import CdmbenchError
+from cdmbench.eval.generate import image_relpath, is_cached, read_pngs
+from cdmbench.eval.sources import Plan
+from cdmbench.io import read_json, write_json
+from cdmbench.types import Prompt
+
+RESULTS = "results.csv"
+SCORE_BATCH = 64  # images per metric update; fixed so scores never depend on --batch-size
+
+
+class Scorer:
+    """Scores plans into rows of ``OUT/results.csv`` for the metrics ``names`` (registry names).
+
+    Args:
+        out: the eval folder (images, manifest, caches, results file).
+        names: metrics to score, in row order.
+        options: where the real scorers' weights live (``MetricOptions``); part of the cache key.
+    """
+
+    def __init__(self, out: Path, names: list[str], options):
+        from cdmbench.eval.results import read_results
+
+        self.out, self.names, self.options = out, names, options
+        self.results = out / RESULTS
+        self._built: dict[tuple[str, str], object] = {}
+        self._have = ({row_key(r) for r in read_results(self.results).to_dict("records")}
+                      if self.results.is_file() else set())
+
+    def metric(self, name: str, arch: str):
+        """The metric ``name`` for images of ``arch``, built once, reset for a new image set."""
+        if (name, arch) not in self._built:
+            from cdmbench.eval.metrics import build_metric
+
+            self._built[(name, arch)] = build_metric(name, evaluators_for(arch), self.options)
+        m = self._built[(name, arch)]
+        m.reset()
+        return m
+
+    def write(self, rows: list[dict]) -> None:
+        """Append the rows not yet in the results file (atomically)."""
+        import pandas as pd
+
+        from cdmbench.eval.results import RESULT_COLUMNS, append_rows, normalize
+
+        frame = normalize(pd.DataFrame(rows, columns=list(RESULT_COLUMNS)))
+        new = [r for r in frame.to_dict("records") if row_key(r) not in self._have]
+        if new:
+            append_rows(self.results, new)
+            self._have.update(row_key(r) for r in new)
+
+    def score(self, plan: Plan, items: list[tuple[Prompt, int]], records: dict) -> list[dict]:
+        """One row per metric for the images of ``plan`` (``items`` = its (prompt, seed) samples)."""
+        from cdmbench.eval.metrics import METRICS
+
+        out, names = self.out, self.names
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        if plan.skipped:
+            return [row(plan, n, METRICS.get(n).higher_is_better, status=f"skipped: {plan.skipped}", timestamp=now)
+                    for n in names]
+        recs = [records.get(image_relpath(plan.run, plan.steps, p.id, s)) for p, s in items]
+        missing = sum(not is_cached(r, plan, p, out) for r, (p, _) in zip(recs, items))
+        if missing:
+            raise CdmbenchError(f"{missing} of {len(items)} images of {plan.run} at {plan.steps} steps are missing "
+                                f"from {out}; run the generation phase first (cdmbench eval does both)")
+        image_set = hashlib.sha256(json.dumps(
+            [[p.id, s, p.text, dict(p.meta), r["pixels_sha256"], r["checkpoint"]] for (p, s), r in zip(items, recs)],
+            sort_keys=True).encode()).hexdigest()
+
+        rows, todo = {}, []
+        for n in names:
+            cls = METRICS.get(n)
+            applies = cls.applies_to(evaluators_for(plan.arch))
+            if not applies:
+                rows[n] = row(plan, n, cls.higher_is_better, status=applies.status, timestamp=now)
+                continue
+            cached = out / "cache" / "scores" / f"{score_key(plan, n, image_set, self.options)}.json"
+            if cached.is_file():
+                rows[n] = row(plan, n, cls.higher_is_better, status="ok", **read_json(cached))
+            else:
+                todo.append((n, cls, cached))
+        if todo:
+            built = [(n, cls, path, self.metric(n, plan.arch)) for n, cls, path in todo]
+            for lo in range(0, len(items), SCORE_BATCH):
+                images = read_pngs([out / r["path"] for r in recs[lo:lo + SCORE_BATCH]])
+                for *_, m in built:
+                    m.update(images, [p for p, _ in items[lo:lo + SCORE_BATCH]])
+            for n, cls, path, m in built:
+                result = m.compute()
+                ci_low, ci_high = result.interval()
+                entry = {"value": float(result.value), "ci_low": ci_low, "ci_high": ci_high, "n": int(result.n),
+                         "protocol": m.protocol, "timestamp": now}
+                write_json(path, entry)  # atomic: a kill leaves no half entry
+                rows[n] = row(plan, n, cls.higher_is_better, status="ok", **entry)
+        return [rows[n] for n in names]
+
+
+def evaluators_for(arch: str):
+    """What backbone ``arch`` declares its images are scored with (``Backbone.evaluators``)."""
+    from cdmbench.backbones import BACKBONES
+
+    return BACKBONES.get(arch).evaluators()
+
+
+def row(plan: Plan, metric: str, higher_is_better: bool, *, status: str, timestamp: str, value: float = math.nan,
+         ci_low: float = math.nan, ci_high: float = math.nan, n: int = 0, protocol: str = "") -> dict:
+    return {
+        "run": plan.run, "method": plan.method, "arch": plan.arch, "steps": plan.steps, "metric": metric,
+        "value": value, "ci_low": ci_low, "ci_high": ci_high, "n": n, "higher_is_better": higher_is_better,
+        "protocol": protocol, "nfe": plan.nfe,
+        "sigmas_nominal": json.dumps([round(s, 6) for s in plan.sigmas_nominal]),
+        "sigmas_effective": json.dumps([round(s, 6) for s in plan.sigmas_effective]),
+        "guidance": plan.guidance, "checkpoint": plan.checkpoint_label, "timestamp": timestamp, "status": status,
+    }
+
+
+def score_key(plan: Plan, metric: str, image_set: str, options) -> str:
+    import cdmbench
+
+    ident = {"run": plan.run, "steps": plan.steps, "metric": metric, "arch": plan.arch, "images": image_set,
+             "options": dataclasses.asdict(options), "cdmbench": cdmbench.__version__}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+def row_key(row: dict) -> tuple:
+    """A row's identity for "already in the results file": every column but the timestamp."""
+
+    def fmt(v):
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "nan"
+        try:
+            import pandas as pd
+
+            if v is pd.NA:
+                return "nan"
+        except ImportError:  # pragma: no cover
+            pass
+        if isinstance(v, float):
+            return f"{v:.12g}"
+        return str(v)
+
+    return tuple(fmt(v) for k, v in row.items() if k != "timestamp")
