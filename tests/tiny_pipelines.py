@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from cdmbench.backbones.diffusers import TINY_RESOLUTION, TINY_TEXT_LEN
-from cdmbench.backbones.longcat import build_tiny_pipeline as build_tiny_longcat
-from cdmbench.backbones.sd3 import build_tiny_pipeline as build_tiny_sd3
+from cdmbench.backbones.longcat import LongCatBackbone
+from cdmbench.backbones.sd3 import SD3Backbone
 
 SD3_RES = TINY_RESOLUTION  # pixels: VAE ×2, patch 2 → 8×8 = 64 image tokens
 LONGCAT_RES = TINY_RESOLUTION  # pixels: VAE ×2, 2×2 packing → 8×8 = 64 image tokens
@@ -32,23 +32,14 @@ def with_scheduler(src: Path, dst: Path, **overrides) -> Path:
     return dst
 
 
-_BUILT: dict[str, Path] = {}  # one build per session even when several test modules import the fixtures
-
-
-def _built(name: str, build, tmp_path_factory) -> Path:
-    if name not in _BUILT or not _BUILT[name].is_dir():
-        _BUILT[name] = build(tmp_path_factory.mktemp("tiny") / name)
-    return _BUILT[name]
-
-
 @pytest.fixture(scope="session")
 def tiny_sd3_dir(tmp_path_factory) -> Path:
-    return _built("sd3", build_tiny_sd3, tmp_path_factory)
+    return SD3Backbone.tiny_pipeline(tmp_path_factory.mktemp("tiny"))  # shared with the contract tests' SD3Backbone.tiny
 
 
 @pytest.fixture(scope="session")
 def tiny_longcat_dir(tmp_path_factory) -> Path:
-    return _built("longcat", build_tiny_longcat, tmp_path_factory)
+    return LongCatBackbone.tiny_pipeline(tmp_path_factory.mktemp("tiny"))
 
 
 def perturb_(net: torch.nn.Module, scale: float = 0.05, seed: int = 1, only: str | None = None) -> torch.nn.Module:

@@ -19,8 +19,7 @@ from torch import nn
 
 from cdmbench.backbones import BACKBONES
 from cdmbench.backbones.base import BackboneOptions, Cond
-from cdmbench.backbones.diffusers import (TINY_RESOLUTION, TINY_TEXT_LEN, DiffusersBackbone, eval_modules,
-                                          tiny_byte_chars)
+from cdmbench.backbones.diffusers import DiffusersBackbone, eval_modules, tiny_byte_chars
 from cdmbench.errors import CdmbenchError
 
 
@@ -72,11 +71,9 @@ class LongCatBackbone(DiffusersBackbone):
         self.img_ids = prepare_pos_ids(modality_id=1, type="image", start=(start, start), height=side,
                                        width=side).to(self.device, torch.int64)
 
-    @classmethod
-    def tiny(cls, workdir: Path):
-        """This adapter on a tiny random pipeline built under ``workdir`` (``build_tiny_pipeline``)."""
-        folder = build_tiny_pipeline(Path(workdir) / f"tiny-{cls.name}")
-        return cls(BackboneOptions(model=str(folder), resolution=TINY_RESOLUTION, max_sequence_length=TINY_TEXT_LEN))
+    @staticmethod
+    def build_tiny_pipeline(path: Path) -> Path:
+        return build_tiny_longcat(path)
 
     def _resolve_resolution(self, resolution: int | None) -> int:
         f = 2 * self.pipe.vae_scale_factor
@@ -123,8 +120,8 @@ class LongCatBackbone(DiffusersBackbone):
         return recipe
 
 
-def build_tiny_pipeline(path: Path, *, seed: int = 0) -> Path:
-    """A tiny random pipeline of this backbone saved at ``path`` (tests; see ``diffusers.TINY_RESOLUTION``)."""
+def build_tiny_longcat(path: Path, *, seed: int = 0) -> Path:
+    """A tiny random pipeline of this backbone saved at ``path`` (tests; ``DiffusersBackbone.tiny_pipeline`` caches it; sizes: ``diffusers.TINY_RESOLUTION``)."""
     from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, LongCatImagePipeline,
                            LongCatImageTransformer2DModel)
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer

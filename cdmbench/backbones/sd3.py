@@ -16,8 +16,7 @@ from torch import nn
 
 from cdmbench.backbones import BACKBONES
 from cdmbench.backbones.base import BackboneOptions, Cond
-from cdmbench.backbones.diffusers import (TINY_RESOLUTION, TINY_TEXT_LEN, DiffusersBackbone, eval_modules,
-                                          tiny_byte_chars)
+from cdmbench.backbones.diffusers import TINY_RESOLUTION, DiffusersBackbone, eval_modules, tiny_byte_chars
 from cdmbench.errors import CdmbenchError
 
 
@@ -38,11 +37,9 @@ class SD3Backbone(DiffusersBackbone):
         super().__init__(options)
         self.max_sequence_length = options.max_sequence_length or 256
 
-    @classmethod
-    def tiny(cls, workdir: Path):
-        """This adapter on a tiny random pipeline built under ``workdir`` (``build_tiny_pipeline``)."""
-        folder = build_tiny_pipeline(Path(workdir) / f"tiny-{cls.name}")
-        return cls(BackboneOptions(model=str(folder), resolution=TINY_RESOLUTION, max_sequence_length=TINY_TEXT_LEN))
+    @staticmethod
+    def build_tiny_pipeline(path: Path) -> Path:
+        return build_tiny_sd3(path)
 
     def _resolve_resolution(self, resolution: int | None) -> int:
         cfg, f = self.pipe.transformer.config, self.pipe.vae_scale_factor
@@ -90,8 +87,8 @@ class SD3Backbone(DiffusersBackbone):
         return recipe
 
 
-def build_tiny_pipeline(path: Path, *, seed: int = 0) -> Path:
-    """A tiny random pipeline of this backbone saved at ``path`` (tests; see ``diffusers.TINY_RESOLUTION``)."""
+def build_tiny_sd3(path: Path, *, seed: int = 0) -> Path:
+    """A tiny random pipeline of this backbone saved at ``path`` (tests; ``DiffusersBackbone.tiny_pipeline`` caches it; sizes: ``diffusers.TINY_RESOLUTION``)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel,
                               T5TokenizerFast)
