@@ -185,7 +185,7 @@ def bench(
     steps: str = typer.Option("1,2,4", "--steps"),
     workspace: Path = typer.Option(Path("workspace"), "--workspace"),
     out: Path = typer.Option(Path("reports/toy"), "--out"),
-    seeds: str = typer.Option("0-1", "--seeds"),
+    seeds: str = typer.Option("0-4", "--seeds", help="Eval seeds per prompt; the diversity metrics need >= 2 (default 5: 10 pairs per prompt)."),
 ):
     """Train every method at its default budget (finished runs are kept), evaluate, and report."""
     from cdmbench.bench import run_bench
@@ -249,11 +249,16 @@ def toy_train_teacher(
 def toy_train_evaluators(
     out_dir: Path = typer.Option(..., "--out-dir", help="Folder for the evaluator weights and reference stats."),
     seed: int = typer.Option(0, "--seed"),
+    only: Optional[str] = typer.Option(None, "--only", help="Comma-separated steps: classifier, clip, fid-reference, factors."),
 ):
-    """Reproduce the shipped toy evaluators (classifier, tiny CLIP, FID reference statistics)."""
+    """Reproduce the shipped toy evaluators (classifier, tiny CLIP, FID reference statistics, free-factor regressor).
+
+    Example: cdmbench toy train-evaluators --out-dir cdmbench/assets --only factors   (about a minute)
+    """
     from cdmbench.toy.train_evaluators import train_all
 
-    typer.echo(json.dumps(train_all(out_dir, seed=seed), indent=2, default=str))
+    steps = tuple(s.strip() for s in only.split(",") if s.strip()) if only is not None else None
+    typer.echo(json.dumps(train_all(out_dir, seed=seed, only=steps), indent=2, default=str))
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from importlib import metadata
 from typing import Callable, Generic, Iterator, TypeVar
 
@@ -17,6 +18,8 @@ class Registry(Generic[T]):
         kind: what the entries are ("method", "backbone", "metric"); used in error messages.
         entry_point_group: optional importlib entry-point group through which installed
             packages add entries (each entry point loads an object registered under its name).
+            A plug-in that fails to load is skipped with one warning line on stderr naming it
+            (``broken()`` lists them); the built-ins and every other plug-in keep working.
     """
 
     def __init__(self, kind: str, entry_point_group: str | None = None):
@@ -24,6 +27,7 @@ class Registry(Generic[T]):
         self.entry_point_group = entry_point_group
         self._entries: dict[str, T] = {}
         self._plugins: set[str] = set()
+        self._broken: dict[str, str] = {}  # plug-in name -> why it was skipped
         self._entry_points_loaded = entry_point_group is None
 
     def register(self, name: str) -> Callable[[T], T]:
@@ -45,18 +49,33 @@ class Registry(Generic[T]):
         if self._entry_points_loaded:
             return
         self._entry_points_loaded = True
-        for ep in metadata.entry_points(group=self.entry_point_group):
+        try:
+            eps = list(metadata.entry_points(group=self.entry_point_group))
+        except Exception as e:  # a corrupt installed distribution's metadata
+            self._warn("*", f"cannot read the {self.entry_point_group!r} entry points", e)
+            return
+        for ep in eps:
             if ep.name in self._entries:
                 continue
-            try:
+            try:  # a broken plug-in must not break the built-ins
                 obj = ep.load()
-            except Exception as e:  # a broken plugin must not break the built-ins
-                raise CdmbenchError(
-                    f"could not load {self.kind} plugin {ep.name!r} ({ep.value}): {e}"
-                ) from e
-            if ep.name not in self._entries:
-                self.register(ep.name)(obj)
+                if ep.name not in self._entries:
+                    self.register(ep.name)(obj)
+            except Exception as e:
+                self._warn(ep.name, f"{self.kind} plug-in {ep.name!r} ({ep.value})", e)
+                continue
             self._plugins.add(ep.name)
+
+    def _warn(self, name: str, what: str, error: BaseException) -> None:
+        first = (str(error).strip().splitlines() or [""])[0][:200]
+        reason = f"{type(error).__name__}: {first}" if first else type(error).__name__
+        self._broken[name] = reason
+        print(f"warning: skipping {what}: {reason}", file=sys.stderr)
+
+    def broken(self) -> dict[str, str]:
+        """Plug-ins of this registry that failed to load: name -> the error, one line."""
+        self._load_entry_points()
+        return dict(self._broken)
 
     def get(self, name: str) -> T:
         self._load_entry_points()

@@ -62,13 +62,25 @@ def contract_images(n: int, seed: int, size: int = 32) -> torch.Tensor:
 
 
 def contract_prompts(n: int) -> list[Prompt]:
-    """n prompts with ids, captions and four attribute labels in ``meta[ATTRS]`` (what a metric may read)."""
-    return [Prompt(f"contract-{i}", CONTRACT_CAPTIONS[i % len(CONTRACT_CAPTIONS)],
-                   {ATTRS: (i % 3, i % 4, (i // 2) % 4, i % 2)}) for i in range(n)]
+    """n samples of n // 2 prompts, two seeds each and prompt-major (as the harness feeds them), with ids,
+    captions and four attribute labels in ``meta[ATTRS]`` (what a metric may read)."""
+    out = []
+    for i in range(n):
+        k = i // 2
+        out.append(Prompt(f"contract-{k}", CONTRACT_CAPTIONS[k % len(CONTRACT_CAPTIONS)],
+                          {ATTRS: (k % 3, k % 4, (k // 2) % 4, k % 2)}))
+    return out
+
+
+def _update(metric, images, prompts) -> None:
+    """``update``, plus the teacher's images of the same items for a teacher-fidelity metric (``needs_teacher``)."""
+    metric.update(images, prompts)
+    if getattr(type(metric), "needs_teacher", False):
+        metric.update_teacher((1.0 - images).flip(-1))
 
 
 def _value(metric, images, prompts) -> float:
-    metric.update(images, prompts)
+    _update(metric, images, prompts)
     return float(metric.compute().value)
 
 
@@ -98,11 +110,12 @@ def check_metric_result(factory: Callable[[], object]) -> None:
         pass
     else:
         raise AssertionError(f"{type(m).__name__}.compute() before any update must raise a CdmbenchError")
-    m.update(contract_images(8, 0), contract_prompts(8))
+    _update(m, contract_images(8, 0), contract_prompts(8))
     r = m.compute()
     assert isinstance(r, MetricResult) and r.n == 8 and np.isfinite(r.value)
-    if type(m).per_image:
-        assert r.per_image is not None and r.per_image.shape == (8,) and np.isfinite(r.per_image).all()
+    if type(m).per_image:  # per image, or per prompt for per-prompt metrics
+        assert r.per_image is not None and r.per_image.ndim == 1 and r.per_image.size in (4, 8)
+        assert np.isfinite(r.per_image).all()
         assert np.isclose(r.value, r.per_image.mean(), rtol=1e-9, atol=1e-12)
         lo, hi = r.interval()
         assert lo <= r.value <= hi
@@ -111,16 +124,17 @@ def check_metric_result(factory: Callable[[], object]) -> None:
 
 
 def check_metric_streams_merges_and_resets(factory: Callable[[], object]) -> None:
-    """Batches streamed, states merged (another process) and a reset instance all give the one-batch value."""
+    """Batches streamed, states merged (another process, split between prompts) and a reset instance all give
+    the one-batch value."""
     images, prompts = contract_images(8, 1), contract_prompts(8)
     whole = _value(factory(), images, prompts)
     streamed = factory()
-    streamed.update(images[:3], prompts[:3])
-    streamed.update(images[3:], prompts[3:])
+    _update(streamed, images[:3], prompts[:3])
+    _update(streamed, images[3:], prompts[3:])
     assert np.isclose(float(streamed.compute().value), whole, rtol=1e-6, atol=1e-8)
-    a, b = factory(), factory()
-    a.update(images[:5], prompts[:5])
-    b.update(images[5:], prompts[5:])
+    a, b = factory(), factory()  # split at a prompt boundary, as a shard by prompt would
+    _update(a, images[:4], prompts[:4])
+    _update(b, images[4:], prompts[4:])
     a.merge(b)
     assert np.isclose(float(a.compute().value), whole, rtol=1e-6, atol=1e-8)
     a.reset()

@@ -43,10 +43,15 @@ class Evaluators:
         fid: device -> ``cdmbench.eval.metrics.fid.FIDFeatures`` (feature extractor, protocol, reference stats).
         clip: device -> ``cdmbench.eval.metrics.clip_score.ClipModel`` (open_clip-style model, preprocess, tokenizer).
         attributes: device -> ``cdmbench.eval.metrics.attr_acc.AttributeModel`` (images -> predicted labels).
+        references: device -> ``cdmbench.eval.metrics.sets.ReferenceImages`` (real images of a given prompt), for
+            metrics that compare with real images of the same prompt (PRDC, detail, free-factor coverage).
+        factors: device -> ``cdmbench.eval.metrics.factor_coverage.FactorModel`` (images -> free factors).
         not_applicable: metric name -> why it does not apply (a "not_applicable: <reason>" result row).
     """
 
     fid: Loader | None = None
     clip: Loader | None = None
     attributes: Loader | None = None
+    references: Loader | None = None
+    factors: Loader | None = None
     not_applicable: Mapping[str, str] = field(default_factory=dict)

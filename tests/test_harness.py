@@ -199,7 +199,7 @@ def test_default_sources_every_run_and_teacher_at_its_own_steps(workspace):
         ({"steps": (0, 1)}, r"steps: every value must be an integer >= 1, got 0"),
         ({"steps": ()}, r"steps: expected a non-empty tuple"),
         ({"seeds": (-1,)}, r"seeds: every value must be an integer >= 0"),
-        ({"metrics": ("fid", "pickscore")}, r"metrics: unknown metric 'pickscore'; valid metrics: attr_acc, clip, fid"),
+        ({"metrics": ("fid", "nosuchmetric")}, r"metrics: unknown metric 'nosuchmetric'; valid metrics: aesthetic, attr_acc, clip, "),
         ({"batch_size": 0}, r"batch_size must be a positive integer"),
         ({"num_prompts": 0}, r"num_prompts must be a positive integer"),
         ({"arch": "sdxl"}, r"arch: unknown backbone 'sdxl'; valid backbones: .*toy"),

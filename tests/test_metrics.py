@@ -78,7 +78,7 @@ def test_importing_metrics_loads_no_heavy_library():
     code = (
         "import sys, cdmbench.eval.metrics, cdmbench.eval.results;"
         "heavy = [m for m in ('open_clip', 'torchmetrics', 'cleanfid', 'transformers', 'timm', 'ImageReward',"
-        " '_cdmbench_imagereward', 'scipy', 'matplotlib') if m in sys.modules];"
+        " '_cdmbench_imagereward', 'scipy', 'matplotlib', 'lpips') if m in sys.modules];"
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})

@@ -64,7 +64,7 @@ def test_classifier_is_frozen_eval_and_fid_compatible(classifier):
     x = torch.rand(2, 3, 32, 32)
     assert classifier.features(x).shape == (2, classifier.num_features) == (2, 128)
     spec = ev.fid_features()
-    assert spec.extractor(x).dtype == torch.float32 and spec.protocol == "fid|toy-classifier-features-128|float64"
+    assert spec.extractor(x).dtype == torch.float32 and spec.protocol == "toy-classifier-features-128|float64"
 
 
 def test_attribute_accuracy_needs_all_four():
@@ -175,7 +175,9 @@ def test_the_toy_backbone_declares_its_evaluators_with_stable_protocols():
 
     declared = ToyBackbone.evaluators()
     applies = {n for n in METRICS.names() if METRICS.get(n).applies_to(declared)}
-    assert {"attr_acc", "clip", "fid"} <= applies and not {"hps", "imagereward"} & applies
+    generic = {"clip", "fid", "vendi", "precision", "recall", "density", "coverage", "teacher_fd", "teacher_dist"}
+    assert generic | {"attr_acc", "factor_w1", "detail"} <= applies
+    assert not {"hps", "imagereward", "pickscore", "aesthetic", "intra_lpips"} & applies
     assert METRICS.get("hps").applies_to(declared).status.endswith("the toy backbone draws 32x32 shapes")
     protocols = {n: build_metric(n, declared).protocol for n in ("fid", "clip", "attr_acc")}
     assert protocols == {"fid": "fid|toy-classifier-features-128|float64|ref=toy-shipped:toy-fid-v2",

@@ -130,13 +130,20 @@ class ToyBackbone(Backbone):
     # -- how its images are scored: the toy evaluators (cdmbench.toy.evaluators) -------------------
     @classmethod
     def evaluators(cls) -> Evaluators:
-        """Toy-classifier FID features with shipped reference stats, the toy CLIP and the toy attribute
-        classifier; HPS and ImageReward rate natural images and do not apply to 32×32 shapes."""
+        """Toy-classifier FID features with shipped reference stats, the toy CLIP, the toy attribute classifier,
+        real renders per caption and the free-factor regressor; the scorers of natural images do not apply."""
         from cdmbench.toy import evaluators as ev
 
         shapes = "rates natural images; the toy backbone draws 32x32 shapes"
-        return Evaluators(fid=ev.fid_features, clip=ev.clip_model, attributes=ev.attribute_model,
-                          not_applicable={"hps": f"HPS v2.1 {shapes}", "imagereward": f"ImageReward {shapes}"})
+        return Evaluators(
+            fid=ev.fid_features, clip=ev.clip_model, attributes=ev.attribute_model, references=ev.reference_images,
+            factors=ev.factor_model,
+            not_applicable={
+                "hps": f"HPS v2.1 {shapes}", "imagereward": f"ImageReward {shapes}", "pickscore": f"PickScore {shapes}",
+                "aesthetic": "the aesthetic predictor rates natural images; the toy draws 32x32 shapes",
+                "intra_lpips": "LPIPS's ImageNet trunk is not shipped and not meant for 32x32 shapes; "
+                               "the toy's diversity is vendi and factor_w1",
+            })
 
     @classmethod
     def prompt_set(cls) -> list[Prompt]:

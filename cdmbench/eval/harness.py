@@ -257,7 +257,7 @@ def score(cfg: EvalConfig) -> Path:
 def _score(ev: _Eval) -> Path:
     from cdmbench.eval.metrics import METRICS, MetricOptions
 
-    scorer = Scorer(ev.out, list(ev.cfg.metrics or METRICS.names()), MetricOptions(device=ev.cfg.device))
+    scorer = Scorer(ev.out, list(ev.cfg.metrics or METRICS.names()), MetricOptions(device=ev.cfg.device), ev.sources)
     records = ev.manifest.read()
     with _progress(ev.cfg.progress) as bar:
         task = bar.add_task("score", total=sum(len(s.steps) for s in ev.sources))

@@ -5,6 +5,9 @@ of the exact image set (prompt ids, seeds, texts, metadata, pixel hashes, weight
 finished eval only reads caches; rows already in the results file are not written twice. A metric is
 built once per (metric, backbone) with the models that backbone declares (``Backbone.evaluators``), and
 a metric that does not apply gives a "not_applicable: <reason>" row, a skipped plan "skipped: <reason>".
+Teacher-fidelity metrics (``needs_teacher``) also get the teacher's images of the same items at the
+backbone's reference steps (``teacher_reference``); a metric that has no meaningful value for the images
+it saw raises ``MetricSkipped`` and gets a "skipped: <reason>" row.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 
 from cdmbench.errors import CdmbenchError
 from cdmbench.eval.generate import image_relpath, is_cached, read_pngs
-from cdmbench.eval.sources import Plan
+from cdmbench.eval.sources import TEACHER, Plan, TeacherSource
 from cdmbench.io import read_json, write_json
 from cdmbench.types import Prompt
 
@@ -33,12 +36,13 @@ class Scorer:
         out: the eval folder (images, manifest, caches, results file).
         names: metrics to score, in row order.
         options: where the real scorers' weights live (``MetricOptions``); part of the cache key.
+        sources: every row source of the eval (where teacher-fidelity metrics find the teacher's images).
     """
 
-    def __init__(self, out: Path, names: list[str], options):
+    def __init__(self, out: Path, names: list[str], options, sources: list = ()):
         from cdmbench.eval.results import read_results
 
-        self.out, self.names, self.options = out, names, options
+        self.out, self.names, self.options, self.sources = out, names, options, list(sources)
         self.results = out / RESULTS
         self._built: dict[tuple[str, str], object] = {}
         self._have = ({row_key(r) for r in read_results(self.results).to_dict("records")}
@@ -69,6 +73,7 @@ class Scorer:
     def score(self, plan: Plan, items: list[tuple[Prompt, int]], records: dict) -> list[dict]:
         """One row per metric for the images of ``plan`` (``items`` = its (prompt, seed) samples)."""
         from cdmbench.eval.metrics import METRICS
+        from cdmbench.eval.metrics.sets import MetricSkipped
 
         out, names = self.out, self.names
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -84,6 +89,8 @@ class Scorer:
             [[p.id, s, p.text, dict(p.meta), r["pixels_sha256"], r["checkpoint"]] for (p, s), r in zip(items, recs)],
             sort_keys=True).encode()).hexdigest()
 
+        teacher_recs, no_teacher = teacher_reference(self.sources, plan, items, records)
+        teacher_set = hashlib.sha256(json.dumps([r["pixels_sha256"] for r in teacher_recs or []]).encode()).hexdigest()
         rows, todo = {}, []
         for n in names:
             cls = METRICS.get(n)
@@ -91,7 +98,12 @@ class Scorer:
             if not applies:
                 rows[n] = row(plan, n, cls.higher_is_better, status=applies.status, timestamp=now)
                 continue
-            cached = out / "cache" / "scores" / f"{score_key(plan, n, image_set, self.options)}.json"
+            needs_teacher = getattr(cls, "needs_teacher", False)
+            if needs_teacher and no_teacher:
+                rows[n] = row(plan, n, cls.higher_is_better, status=f"skipped: {no_teacher}", timestamp=now)
+                continue
+            key = score_key(plan, n, image_set + (teacher_set if needs_teacher else ""), self.options)
+            cached = out / "cache" / "scores" / f"{key}.json"
             if cached.is_file():
                 rows[n] = row(plan, n, cls.higher_is_better, status="ok", **read_json(cached))
             else:
@@ -100,16 +112,43 @@ class Scorer:
             built = [(n, cls, path, self.metric(n, plan.arch)) for n, cls, path in todo]
             for lo in range(0, len(items), SCORE_BATCH):
                 images = read_pngs([out / r["path"] for r in recs[lo:lo + SCORE_BATCH]])
-                for *_, m in built:
+                teacher_images = None
+                for n, cls, _, m in built:
                     m.update(images, [p for p, _ in items[lo:lo + SCORE_BATCH]])
+                    if getattr(cls, "needs_teacher", False):
+                        if teacher_images is None:
+                            teacher_images = read_pngs([out / r["path"] for r in teacher_recs[lo:lo + SCORE_BATCH]])
+                        m.update_teacher(teacher_images)
             for n, cls, path, m in built:
-                result = m.compute()
+                try:
+                    result = m.compute()
+                except MetricSkipped as e:  # e.g. one seed per prompt for a diversity metric: a row, not a crash
+                    rows[n] = row(plan, n, cls.higher_is_better, status=f"skipped: {e}", timestamp=now)
+                    continue
                 ci_low, ci_high = result.interval()
                 entry = {"value": float(result.value), "ci_low": ci_low, "ci_high": ci_high, "n": int(result.n),
                          "protocol": m.protocol, "timestamp": now}
                 write_json(path, entry)  # atomic: a kill leaves no half entry
                 rows[n] = row(plan, n, cls.higher_is_better, status="ok", **entry)
         return [rows[n] for n in names]
+
+
+def teacher_reference(sources: list, plan: Plan, items, records: dict) -> tuple[list | None, str]:
+    """Manifest records of the teacher's images for ``items`` at the backbone's reference steps and default CFG
+    (what teacher-fidelity metrics compare a row with), or (None, why they are not available)."""
+    from cdmbench.backbones import BACKBONES
+
+    ref_steps = BACKBONES.get(plan.arch).default_teacher_steps
+    teachers = [s for s in sources if isinstance(s, TeacherSource) and s.method == TEACHER and s.arch == plan.arch
+                and s.guidance is None and ref_steps in s.steps]
+    if not teachers:
+        return None, f"no teacher rows at the reference {ref_steps} steps in this eval (keep --teacher and its default steps)"
+    if plan.run == teachers[0].name and plan.steps == ref_steps:
+        return None, "this is the teacher reference row itself"
+    recs = [records.get(image_relpath(teachers[0].name, ref_steps, p.id, s)) for p, s in items]
+    if any(r is None for r in recs):
+        return None, f"the teacher's {ref_steps}-step images of these items are not generated"
+    return recs, ""
 
 
 def evaluators_for(arch: str):

@@ -2,8 +2,9 @@
 
 The caption names four attributes (shape, colour, quadrant, size class). Attributes the caption does
 NOT name vary freely: exact centre within the quadrant, exact size within its class, background shade
-and tint, and a small colour jitter. A generator that collapses onto one mode of those is measurably
-worse (toy FID) than one that covers them.
+and tint, and a small colour jitter (``FreeFactors``, drawn by ``draw_factors``). A generator that
+collapses onto one mode of those is measurably worse (toy FID, free-factor coverage) than one that
+covers them.
 
 Everything is deterministic given a ``torch.Generator``; images are float32 in [0, 1], (B, 3, 32, 32).
 """
@@ -11,6 +12,8 @@ Everything is deterministic given a ``torch.Generator``; images are float32 in [
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+
 import torch
 
 from cdmbench.errors import CdmbenchError
@@ -64,20 +67,59 @@ def random_attrs(n: int, generator: torch.Generator) -> torch.Tensor:
     return torch.stack([torch.randint(NUM_CLASSES[a], (n,), generator=generator) for a in ATTRIBUTES], dim=1)
 
 
+FACTORS = ("x", "y", "radius", "shade", "jitter_r", "jitter_g", "jitter_b")  # free factors, each ~U(0, 1)
+
+
+@dataclass(frozen=True)
+class FreeFactors:
+    """The uniform draws behind the attributes a caption leaves free, for a batch of B images.
+
+    ``x``, ``y``: centre offset within the quadrant (0 → −2.5 px, 1 → +2.5 px); ``radius``: position
+    within the size class's radius range; ``shade`` (B, 1): background grey level; ``tint`` (B, 3):
+    background tint; ``jitter`` (B, 3): foreground colour jitter per channel (0 → −0.06, 1 → +0.06).
+    Every entry is U(0, 1), independent of the caption.
+    """
+
+    radius: torch.Tensor  # (B,)
+    x: torch.Tensor  # (B,)
+    y: torch.Tensor  # (B,)
+    shade: torch.Tensor  # (B, 1)
+    tint: torch.Tensor  # (B, 3)
+    jitter: torch.Tensor  # (B, 3)
+
+    def targets(self) -> torch.Tensor:
+        """(B, 7) float32 regression targets ordered as ``FACTORS``. ``shade`` is the observable mean
+        background level rescaled to ~[0, 1] ((mean_c bg_c − 0.05) / 0.45), which folds in the tint."""
+        bg = 0.05 + 0.45 * self.shade + (self.tint - 0.5) * 0.1
+        shade = (bg.mean(dim=1) - 0.05) / 0.45
+        return torch.stack([self.x, self.y, self.radius, shade, *self.jitter.unbind(1)], dim=1).float()
+
+
+def draw_factors(b: int, generator: torch.Generator) -> FreeFactors:
+    """The free factors of b images, drawn from ``generator`` in the order ``render`` consumes them."""
+    u = lambda *shape: torch.rand(*shape, generator=generator)  # noqa: E731
+    return FreeFactors(radius=u(b), x=u(b), y=u(b), shade=u(b, 1), tint=u(b, 3), jitter=u(b, 3))
+
+
 def render(attrs: torch.Tensor, generator: torch.Generator, supersample: int = 4) -> torch.Tensor:
     """Render (B, 4) attribute labels into (B, 3, 32, 32) images in [0, 1] (anti-aliased)."""
     attrs = torch.as_tensor(attrs, dtype=torch.long).reshape(-1, 4)
+    return render_factors(attrs, draw_factors(attrs.shape[0], generator), supersample)
+
+
+def render_factors(attrs: torch.Tensor, f: FreeFactors, supersample: int = 4) -> torch.Tensor:
+    """Render (B, 4) attribute labels with given free factors into (B, 3, 32, 32) images in [0, 1]."""
+    attrs = torch.as_tensor(attrs, dtype=torch.long).reshape(-1, 4)
     b, r = attrs.shape[0], RESOLUTION
-    u = lambda *shape: torch.rand(*shape, generator=generator)  # noqa: E731
     shape, color, pos, size = attrs.unbind(1)
     lo = torch.tensor([_RADIUS[0][0], _RADIUS[1][0]])[size]
     hi = torch.tensor([_RADIUS[0][1], _RADIUS[1][1]])[size]
-    radius = lo + (hi - lo) * u(b)
+    radius = lo + (hi - lo) * f.radius
     # quadrant centre (8, 8) / (24, 8) / ... jittered by up to ±2.5 px
-    cx = 8.0 + 16.0 * (pos % 2).float() + (u(b) - 0.5) * 5.0
-    cy = 8.0 + 16.0 * (pos // 2).float() + (u(b) - 0.5) * 5.0
-    bg = 0.05 + 0.45 * u(b, 1) + (u(b, 3) - 0.5) * 0.1  # grey shade plus a slight tint
-    fg = (_RGB[color] + (u(b, 3) - 0.5) * 0.12).clamp(0, 1)
+    cx = 8.0 + 16.0 * (pos % 2).float() + (f.x - 0.5) * 5.0
+    cy = 8.0 + 16.0 * (pos // 2).float() + (f.y - 0.5) * 5.0
+    bg = 0.05 + 0.45 * f.shade + (f.tint - 0.5) * 0.1  # grey shade plus a slight tint
+    fg = (_RGB[color] + (f.jitter - 0.5) * 0.12).clamp(0, 1)
 
     n = r * supersample
     coords = (torch.arange(n, dtype=torch.float32) + 0.5) / supersample

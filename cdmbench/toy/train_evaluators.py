@@ -7,7 +7,7 @@ must stay sensitive to noise and blur. Results are deterministic given the seed 
 and thread count). Each file carries its training record as JSON under the safetensors metadata key
 ``cdmbench``.
 
-Reproduce the shipped assets (~6 + ~8 + 1 minutes on one CPU thread)::
+Reproduce the shipped assets (~6 + ~8 + 1 + 1 minutes on one CPU thread)::
 
     OMP_NUM_THREADS=1 python -m cdmbench.toy.train_evaluators --out-dir cdmbench/assets --seed 0
 """
@@ -311,13 +311,32 @@ def build_fid_reference(
     return record
 
 
-def train_all(out_dir: str | Path, seed: int = 0, progress: bool = True) -> dict[str, dict]:
-    """Train the classifier and CLIP, then build the FID reference, into ``out_dir`` (asset file names)."""
+STEPS = ("classifier", "clip", "fid-reference", "factors")  # the asset builds, in dependency order
+
+
+def train_all(out_dir: str | Path, seed: int = 0, progress: bool = True,
+              only: tuple[str, ...] | None = None) -> dict[str, dict]:
+    """Train the classifier and CLIP, build the FID reference, then fit the free-factor regressor, into
+    ``out_dir`` (asset file names). ``only``: a subset of ``STEPS`` (e.g. ("factors",), ~1 minute)."""
+    from cdmbench.errors import CdmbenchError
+    from cdmbench.toy import factors
+
+    steps = STEPS if only is None else tuple(only)
+    bad = [s for s in steps if s not in STEPS]
+    if bad or not steps:
+        raise CdmbenchError(f"only: unknown step(s) {', '.join(bad) or '(none)'}; valid steps: {', '.join(STEPS)}")
     out_dir = Path(out_dir)
-    records = {"classifier": train_classifier(out_dir / ev.CLASSIFIER_ASSET, seed=seed, progress=progress)}
-    records["clip"] = train_clip(out_dir / ev.CLIP_ASSET, seed=seed, progress=progress)
-    records["fid_reference"] = build_fid_reference(out_dir / ev.FID_REF_ASSET, out_dir / ev.CLASSIFIER_ASSET,
-                                                   progress=progress)
+    records = {}
+    if "classifier" in steps:
+        records["classifier"] = train_classifier(out_dir / ev.CLASSIFIER_ASSET, seed=seed, progress=progress)
+    if "clip" in steps:
+        records["clip"] = train_clip(out_dir / ev.CLIP_ASSET, seed=seed, progress=progress)
+    if "fid-reference" in steps:
+        records["fid_reference"] = build_fid_reference(out_dir / ev.FID_REF_ASSET, out_dir / ev.CLASSIFIER_ASSET,
+                                                       progress=progress)
+    if "factors" in steps:
+        records["factors"] = factors.train_factor_regressor(out_dir / factors.FACTORS_ASSET, seed=seed,
+                                                            progress=progress)
     return records
 
 
@@ -325,8 +344,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", type=Path, required=True, help="folder for the three asset files")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(STEPS)}")
     args = parser.parse_args(argv)
-    print(json.dumps(train_all(args.out_dir, seed=args.seed), indent=2))
+    only = tuple(s.strip() for s in args.only.split(",")) if args.only else None
+    print(json.dumps(train_all(args.out_dir, seed=args.seed, only=only), indent=2))
 
 
 if __name__ == "__main__":

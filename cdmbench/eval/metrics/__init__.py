@@ -11,7 +11,7 @@ from __future__ import annotations
 from cdmbench.registry import Registry
 from cdmbench.types import Evaluators
 
-METRICS: Registry = Registry("metric")
+METRICS: Registry = Registry("metric", entry_point_group="cdmbench.metrics")
 register = METRICS.register
 
 from cdmbench.eval.metrics.base import (  # noqa: E402
@@ -22,7 +22,10 @@ from cdmbench.eval.metrics.base import (  # noqa: E402
     PerImageMetric,
     bootstrap_ci,
 )
-from cdmbench.eval.metrics import attr_acc, clip_score, fid, hps, image_reward  # noqa: E402,F401  (register)
+from cdmbench.eval.metrics import (  # noqa: E402,F401  (register)
+    aesthetic, attr_acc, clip_score, detail, factor_coverage, fid, hps, image_reward, lpips_div, pickscore, prdc,
+    teacher_fd, vendi,
+)
 
 
 def build_metric(name: str, evaluators: Evaluators | None = None, options: MetricOptions | None = None) -> Metric:

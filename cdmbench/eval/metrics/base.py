@@ -126,6 +126,15 @@ class MetricOptions:
     imagereward_path: str | None = None  # ImageReward.pt; $CDMBENCH_IMAGEREWARD_PATH; else ~/.cache/ImageReward or hub
     imagereward_med_config: str | None = None  # med_config.json; $CDMBENCH_IMAGEREWARD_MED_CONFIG; same fallbacks
     bert_tokenizer_path: str | None = None  # bert-base-uncased folder or vocab.txt; $CDMBENCH_BERT_TOKENIZER_PATH
+    # PickScore v1 (transformers CLIPModel + CLIPProcessor): hub ids or local folders
+    pickscore_model: str | None = None  # $CDMBENCH_PICKSCORE_MODEL; default yuvalkirstain/PickScore_v1
+    pickscore_processor: str | None = None  # $CDMBENCH_PICKSCORE_PROCESSOR; default laion/CLIP-ViT-H-14-laion2B-s32B-b79K
+    # LAION improved aesthetic predictor
+    aesthetic_path: str | None = None  # aesthetic-model.pth; $CDMBENCH_AESTHETIC_PATH; else hub trl-lib/ddpo-aesthetic-predictor
+    aesthetic_clip: str | None = None  # CLIP ViT-L/14 folder or hub id; $CDMBENCH_AESTHETIC_CLIP; default openai/clip-vit-large-patch14
+    # intra-prompt LPIPS
+    lpips_net: str = "alex"  # LPIPS trunk: alex | squeeze | vgg
+    lpips_trunk_path: str | None = None  # torchvision weights of the trunk (file or folder); $CDMBENCH_LPIPS_TRUNK_PATH
 
     def __post_init__(self):
         for f in fields(self):

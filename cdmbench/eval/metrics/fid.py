@@ -157,7 +157,7 @@ class FIDFeatures:
 
     Args:
         extractor: (B, 3, H, W) float [0, 1] → (B, F) features, on the device it was loaded for.
-        protocol: extractor + preprocessing identity (the reference name is appended by ``FID``).
+        protocol: the feature space's identity (extractor + preprocessing); ``FID`` adds "fid|" and the reference.
         reference: loads the extractor's own reference statistics; None = the reference comes from
             ``fid_reference`` / $CDMBENCH_FID_REF as for the default extractor. A declared reference is used
             instead of $CDMBENCH_FID_REF (which names a set for the default extractor); an explicit
@@ -356,17 +356,25 @@ class FID(Metric):
         options = options or MetricOptions()
         spec: FIDFeatures | None = evaluators.fid(options.device) if evaluators.fid is not None else None
         if spec is not None and spec.reference is not None and options.fid_reference is None:
-            return cls(spec.extractor, spec.reference(), spec.protocol)
+            return cls(spec.extractor, spec.reference(), f"fid|{spec.protocol}")
         ref_path = options.env("fid_reference", REFERENCE_ENV)
         if ref_path is None:
             raise MissingWeightsError(
-                f"FID with {spec.protocol if spec else 'the default clean-fid Inception'} needs a reference set: "
+                f"FID with {spec.protocol if spec else 'the default clean-fid Inception'} features needs a reference set: "
                 f"pass fid_reference= (a folder of images or an .npz with mu/sigma) or set ${REFERENCE_ENV}"
             )
-        if spec is None:
-            extractor = load_clean_inception(options.env("inception_path", INCEPTION_ENV), options.device)
-            spec = FIDFeatures(extractor, "fid|clean-fid-inception-2015-12-05|mode=clean|uint8")
-        return cls(spec.extractor, _load_reference(ref_path, spec.extractor), spec.protocol)
+        extractor, protocol = (spec.extractor, spec.protocol) if spec else feature_extractor_for(evaluators, options)
+        return cls(extractor, _load_reference(ref_path, extractor), f"fid|{protocol}")
+
+
+def feature_extractor_for(evaluators: Evaluators, options: MetricOptions) -> tuple[FeatureExtractor, str]:
+    """(extractor, protocol) of the FID feature space: the features ``evaluators.fid`` declares, else clean-fid's
+    Inception ("clean" mode). Every feature-space metric (FID, Vendi, PRDC, the teacher distances) uses it."""
+    if evaluators.fid is not None:
+        spec: FIDFeatures = evaluators.fid(options.device)
+        return spec.extractor, spec.protocol
+    extractor = load_clean_inception(options.env("inception_path", INCEPTION_ENV), options.device)
+    return extractor, "clean-fid-inception-2015-12-05|mode=clean|uint8"
 
 
 def _load_reference(path: str, extractor: FeatureExtractor) -> ReferenceStats:
