@@ -292,7 +292,7 @@ def test_declared_fid_features_and_reference_are_used_and_an_explicit_reference_
 
     def load(device):
         devices.append(device)
-        return FIDFeatures(clf.features, "fid|fake-features", lambda: ReferenceStats.from_features(f, "fake-ref"))
+        return FIDFeatures(clf.features, "fake-features", lambda: ReferenceStats.from_features(f, "fake-ref"))
 
     monkeypatch.setenv("CDMBENCH_FID_REF", str(tmp_path / "a-natural-image-set"))  # not used: the backbone brings its own
     m = build_metric("fid", Evaluators(fid=load), MetricOptions(device="cpu"))

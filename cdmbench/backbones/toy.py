@@ -133,11 +133,12 @@ class ToyBackbone(Backbone):
         """Toy-classifier FID features with shipped reference stats, the toy CLIP, the toy attribute classifier,
         real renders per caption and the free-factor regressor; the scorers of natural images do not apply."""
         from cdmbench.toy import evaluators as ev
+        from cdmbench.toy import factors
 
         shapes = "rates natural images; the toy backbone draws 32x32 shapes"
         return Evaluators(
-            fid=ev.fid_features, clip=ev.clip_model, attributes=ev.attribute_model, references=ev.reference_images,
-            factors=ev.factor_model,
+            fid=ev.fid_features, clip=ev.clip_model, attributes=ev.attribute_model, references=factors.reference_images,
+            factors=factors.factor_model,
             not_applicable={
                 "hps": f"HPS v2.1 {shapes}", "imagereward": f"ImageReward {shapes}", "pickscore": f"PickScore {shapes}",
                 "aesthetic": "the aesthetic predictor rates natural images; the toy draws 32x32 shapes",

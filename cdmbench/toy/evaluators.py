@@ -354,29 +354,3 @@ def attribute_model(device: str = "cpu"):
     clf = load_toy_classifier().to(device).eval()
     return AttributeModel(lambda images: attribute_predictions(clf, images.to(device)), "toy-classifier",
                           len(ATTRIBUTES))
-
-
-def reference_images(device: str = "cpu"):
-    """Real renders of a caption (``factors.reference_renders``, keyed by the caption and its attribute labels),
-    for the metrics that compare with real images of the same prompt (PRDC, detail, factor_w1)."""
-    from cdmbench.eval.metrics.sets import ReferenceImages
-    from cdmbench.toy import factors
-    from cdmbench.types import ATTRS
-
-    def render(prompt, n: int) -> torch.Tensor:
-        attrs = prompt.meta.get(ATTRS)
-        if attrs is None:
-            raise CdmbenchError(f"real toy renders need the prompt's attribute labels (meta[{ATTRS!r}]): {prompt.text!r}")
-        return factors.reference_renders(prompt.text, tuple(int(a) for a in attrs), n)
-
-    return ReferenceImages(render, factors.REFERENCE_SEEDS, "real-renders")
-
-
-def factor_model(device: str = "cpu"):
-    """The shipped free-factor regressor (``factors.FactorRegressor``) with the factors' spread over real renders."""
-    from cdmbench.eval.metrics.factor_coverage import FactorModel
-    from cdmbench.toy import factors
-
-    model = factors.load_factor_regressor()
-    return FactorModel(model, factors.reference_scales().numpy(), factors.FACTORS_VERSION)
-
