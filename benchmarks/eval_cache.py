@@ -30,7 +30,7 @@ def train_tiny_runs(workspace: Path) -> list[str]:
     from cdmbench.methods import METHODS
     from cdmbench.train import resolve_config, train
 
-    tiny = {"dmd": {"num_pairs": "8", "pair_steps": "2"}, "cd": {"num_samples": "8", "sample_steps": "2"},
+    tiny = {"dmd": {"num_pairs": "8", "pair_steps": "2"},
             "cdm": {"max_rollout_steps": "3"}}
     names = []
     for name in METHODS.names():

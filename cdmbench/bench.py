@@ -1,23 +1,73 @@
 """``cdmbench bench``: train every method at its default budget on one backbone, evaluate, report.
 
-Each method trains into ``WORKSPACE/runs/<method>-<arch>`` with ``resolve_config(method, arch)`` (the
-method's preset for the arch, no overrides). A finished run (``done.json``) is kept as it is, an
-unfinished one resumes from its latest checkpoint, so a killed bench picks up where it stopped. The eval
-(``WORKSPACE/eval/bench-<arch>``) and the report are cached and rebuilt the same way.
+Runs: one per (method, training seed) in ``WORKSPACE/runs/<method>-<arch>-s<seed>``, with
+``resolve_config(method, arch)`` (the method's preset for the arch) plus ``train.seed`` and the bench's
+checkpoint cadence (4 checkpoints kept per run, for the learning curves). A method whose student is
+trained for one step count (``Method.steps_field``, e.g. CD's phases) gets one run per evaluated step
+count, ``<method>-<arch>-<field><steps>-s<seed>``; the report shows them as one row. A finished run
+(``done.json``) is kept as it is, an unfinished one resumes from its latest checkpoint, so a killed bench
+picks up where it stopped. The eval (``WORKSPACE/eval/bench-<arch>``, every kept checkpoint) and the report
+are cached and rebuilt the same way.
+
+``match_compute``: the reference budget is the **smallest** mean training compute of any method at its
+default budget (TFLOPs counted by the loop, mean over its runs), so no method trains longer than its own
+default and every method gets what the cheapest one spent. Each costlier run is continued from its last
+kept checkpoint under that budget into ``<run>-matched`` (the same iterations as the original up to there:
+the same seed, data order and RNG states), stops within one iteration of the budget, and is evaluated into
+``WORKSPACE/eval/bench-<arch>-matched``; the cheapest method's own runs stand for themselves.
 """
 
 from __future__ import annotations
 
-import shlex
+import math
 import shutil
 import time
-from datetime import datetime, timezone
-from importlib import metadata
+from dataclasses import dataclass
 from pathlib import Path
 
 from cdmbench.errors import CdmbenchError
 
-VERSIONED = ("cdmbench", "torch", "diffusers", "transformers")
+CURVE_CHECKPOINTS = 4  # checkpoints kept per bench run (learning curves)
+
+
+@dataclass(frozen=True)
+class BenchRun:
+    """One training run of the bench."""
+
+    name: str
+    method: str
+    seed: int
+    overrides: tuple[tuple[str, str], ...]
+
+
+def bench_runs(arch: str, names: list[str], steps: list[int], train_seeds: list[int],
+               overrides: dict[str, str] | None = None) -> list[BenchRun]:
+    """Every run the bench trains, seed-major within each method."""
+    from cdmbench.methods import METHODS
+
+    runs = []
+    for name in names:
+        cls = METHODS.get(name)
+        variants = [((), "")]
+        if cls.steps_field:
+            variants = [(((cls.steps_field, str(s)),), f"-{cls.steps_field}{s}") for s in steps]
+        for seed in train_seeds:
+            for extra, tag in variants:
+                over = {**(overrides or {}), **dict(extra), "train.seed": str(seed)}
+                runs.append(BenchRun(f"{name}-{arch}{tag}-s{seed}", name, seed, tuple(sorted(over.items()))))
+    return runs
+
+
+def bench_config(run: BenchRun, arch: str):
+    """The run's resolved config: preset × overrides, checkpoints every steps/4 iterations, 4 kept."""
+    from cdmbench.train import resolve_config
+
+    over = dict(run.overrides)
+    cfg = resolve_config(run.method, arch, over)
+    if "train.checkpoint_every" not in over:
+        over["train.checkpoint_every"] = str(max(1, math.ceil(cfg.train.steps / CURVE_CHECKPOINTS)))
+    over.setdefault("train.keep_checkpoints", str(CURVE_CHECKPOINTS))
+    return resolve_config(run.method, arch, over)
 
 
 def run_bench(
@@ -29,12 +79,15 @@ def run_bench(
     seeds: list[int],
     argv: list[str],
     *,
+    train_seeds: list[int] = (0,),
+    match_compute: bool = False,
+    overrides: dict[str, str] | None = None,
     num_prompts: int | None = None,
     teacher_steps: tuple[int, ...] | None = None,
     metrics: tuple[str, ...] | None = None,
     progress: bool = True,
 ) -> Path:
-    """Train (or keep/resume) one run per method, evaluate them with the teacher, write the report.
+    """Train (or keep/resume) every run, evaluate every kept checkpoint with the teacher, write the report.
 
     Args:
         arch: registered backbone name.
@@ -42,8 +95,11 @@ def run_bench(
         steps: student step counts to evaluate.
         workspace: holds runs/ and eval/.
         out: report folder.
-        seeds: seeds per prompt.
+        seeds: eval seeds per prompt.
         argv: the command line, shown in the report header.
+        train_seeds: training seeds (one run per method and seed).
+        match_compute: also train/evaluate every method at the same compute (see the module docstring).
+        overrides: ``--set`` overrides applied to every run (e.g. ``train.steps=40`` for a quick bench).
         num_prompts, teacher_steps, metrics: narrow the eval (``EvalConfig`` fields); None = its defaults.
         progress: progress bars.
 
@@ -59,42 +115,58 @@ def run_bench(
     names = list(methods) if methods else METHODS.names()
     for name in names:
         METHODS.get(name)  # unknown names fail before any training
+    if not train_seeds or len(set(train_seeds)) != len(train_seeds) or min(train_seeds) < 0:
+        raise CdmbenchError(f"train_seeds: expected distinct integers >= 0, got {list(train_seeds)}")
+    runs = bench_runs(arch, names, list(steps), list(train_seeds), overrides)
+    configs = {r.name: bench_config(r, arch) for r in runs}  # bad overrides fail before any training
     workspace, out = Path(workspace), Path(out)
-    cfg = EvalConfig(workspace=str(workspace), steps=tuple(steps), runs=tuple(f"{n}-{arch}" for n in names),
-                     seeds=tuple(seeds), out=str(workspace / "eval" / f"bench-{arch}"), arch=arch,
-                     num_prompts=num_prompts, teacher_steps=teacher_steps, metrics=metrics, progress=progress)
     started = time.time()
-    trained = {name: train_or_keep(name, arch, workspace / "runs" / f"{name}-{arch}", progress) for name in names}
+    trained = {r.name: train_or_keep(configs[r.name], workspace / "runs" / r.name, progress) for r in runs}
     t_eval = time.time()
+    cfg = EvalConfig(workspace=str(workspace), steps=tuple(steps), runs=tuple(r.name for r in runs),
+                     seeds=tuple(seeds), out=str(workspace / "eval" / f"bench-{arch}"), arch=arch,
+                     num_prompts=num_prompts, teacher_steps=teacher_steps, metrics=metrics, progress=progress,
+                     checkpoints="all")
     results = run_eval(cfg)
     eval_minutes = (time.time() - t_eval) / 60
+    matched, note = None, ""
+    if match_compute:
+        matched, note = _match_compute(arch, runs, configs, workspace, cfg, progress)
+    per_method: dict[str, list[float]] = {}
+    for r in runs:
+        per_method.setdefault(r.method, []).append(trained[r.name][0])
+    kept = [n for n, (_, how) in trained.items() if how]
     header = {
-        "command": shlex.join([Path(argv[0]).name, *argv[1:]]) if argv else "(unknown)",
-        "versions": ", ".join(f"{p} {_version(p)}" for p in VERSIONED),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "train minutes": ", ".join(f"{n} {m}" for n, m in trained.items()),
+        "train minutes (mean per run)": ", ".join(f"{m} {sum(v) / len(v):.1f}" for m, v in per_method.items()),
+        "runs": f"{len(runs)} ({len(kept)} kept or resumed: {', '.join(kept)})" if kept else str(len(runs)),
+        "global batch (processes × batch × accumulation), learning rates": "; ".join(
+            f"{m} {as_run_summary(workspace / 'runs' / next(r.name for r in runs if r.method == m))}"
+            for m in per_method),
         "eval minutes": f"{eval_minutes:.1f}",
         "wall minutes": f"{(time.time() - started) / 60:.1f} (this invocation)",
-        "eval": f"steps {', '.join(map(str, steps))}; seeds {', '.join(map(str, seeds))}; device {cfg.device}",
+        "eval": f"steps {', '.join(map(str, steps))}; every kept checkpoint (EMA); device {cfg.device}",
     }
-    return build_report(results, out, images_root=cfg.out_dir, title=f"cdmbench bench: {arch}", header=header)
+    if overrides:
+        header["overrides"] = ", ".join(f"{k}={v}" for k, v in sorted(overrides.items()))
+    return build_report(results, out, images_root=cfg.out_dir, title=f"cdmbench bench: {arch}", header=header,
+                        matched_results=matched, matched_note=note, argv=argv)
 
 
-def train_or_keep(method: str, arch: str, run_dir: Path, progress: bool = True) -> str:
-    """Train ``method`` on ``arch`` at its default budget into ``run_dir`` unless it is finished already;
-    returns its train minutes for the report (from done.json)."""
+def train_or_keep(cfg, run_dir: Path, progress: bool = True) -> tuple[float, str]:
+    """Train ``cfg`` into ``run_dir`` unless it is finished already; returns (train minutes, "" | "kept" |
+    "resumed" | "kept; not this config")."""
     from cdmbench.checkpoint import latest_checkpoint
     from cdmbench.io import read_json
-    from cdmbench.train import resolve_config, train
+    from cdmbench.train import train
 
-    cfg = resolve_config(method, arch)
     done = run_dir / "done.json"
-    note = ""
+    how = ""
     if done.is_file():
-        saved = read_json(run_dir / "config.json")
+        saved = read_json(run_dir / "config.json", what="run config")
         want = cfg.to_dict()
-        if saved["method_config"] != want["method_config"] or saved["train"] != want["train"]:
-            note = " (kept; not the default budget)"
+        how = "kept"
+        if not isinstance(saved, dict) or (saved.get("method_config"), saved.get("train")) != (want["method_config"], want["train"]):
+            how = "kept; not this config"
     else:
         resume = latest_checkpoint(run_dir) is not None
         if not resume and run_dir.exists():
@@ -102,13 +174,89 @@ def train_or_keep(method: str, arch: str, run_dir: Path, progress: bool = True) 
                 raise CdmbenchError(f"{run_dir} exists but is not a run folder (no config.json); move it away")
             shutil.rmtree(run_dir)  # a run killed before its first checkpoint: nothing to resume, start over
         train(cfg, run_dir, resume=resume, progress=progress)
-        note = " (resumed)" if resume else ""
-    minutes = read_json(done).get("train_minutes")
-    return f"{minutes:.1f}{note}" if isinstance(minutes, (int, float)) else f"?{note}"
+        how = "resumed" if resume else ""
+    marker = read_json(done, what="finished marker")
+    minutes = marker.get("train_minutes") if isinstance(marker, dict) else None
+    return (float(minutes) if isinstance(minutes, (int, float)) else float("nan")), how
 
 
-def _version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "not installed"
+def run_tflops(run_dir: Path) -> float:
+    """Counted training TFLOPs of a finished run (its done.json)."""
+    from cdmbench.io import read_json
+
+    c = (read_json(run_dir / "done.json").get("compute") or {}).get("train_tflops")
+    if c is None:
+        raise CdmbenchError(f"{run_dir}: no compute record in done.json (trained before compute accounting); "
+                            f"retrain it to match compute")
+    return float(c)
+
+
+def matched_reference(tflops: dict[str, list[float]]) -> tuple[str, float]:
+    """(method, budget): the method with the smallest mean TFLOPs over its runs, and that mean."""
+    means = {m: sum(v) / len(v) for m, v in tflops.items()}
+    method = min(means, key=means.get)
+    return method, means[method]
+
+
+def fork_at_budget(src: Path, dst: Path, cfg, budget: float, progress: bool = True) -> None:
+    """Continue ``src``'s last kept checkpoint below ``budget`` TFLOPs into ``dst`` under the budget (from
+    scratch when none is below); a finished ``dst`` is kept."""
+    import dataclasses
+
+    from cdmbench.checkpoint import CKPT_DIR
+    from cdmbench.io import read_json, write_text
+    from cdmbench.train import train
+
+    if (dst / "done.json").is_file():
+        return
+    if dst.exists():
+        shutil.rmtree(dst)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, budget_tflops=budget))
+    below = [c for c in sorted((src / CKPT_DIR).glob("step_*")) if c.is_dir() and not c.name.endswith(".tmp")
+             and ((read_json(c / "meta.json").get("compute") or {}).get("train_tflops") or math.inf) < budget]
+    if not below:
+        train(cfg, dst, progress=progress)
+        return
+    start = below[-1]
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(CKPT_DIR, "done.json", "tensorboard"))
+    shutil.copytree(start, dst / CKPT_DIR / start.name)
+    write_text(dst / CKPT_DIR / "latest", start.name + "\n")
+    train(cfg, dst, resume=True, progress=progress)
+
+
+def _match_compute(arch, runs, configs, workspace: Path, eval_cfg, progress):
+    import dataclasses
+
+    from cdmbench.eval.harness import run_eval
+
+    tflops: dict[str, list[float]] = {}
+    for r in runs:
+        tflops.setdefault(r.method, []).append(run_tflops(workspace / "runs" / r.name))
+    ref_method, budget = matched_reference(tflops)
+    names = []
+    for r in runs:
+        src = workspace / "runs" / r.name
+        if r.method == ref_method or run_tflops(src) <= budget:
+            names.append(r.name)
+            continue
+        dst = workspace / "runs" / f"{r.name}-matched"
+        fork_at_budget(src, dst, configs[r.name], budget, progress)
+        names.append(dst.name)
+    cfg = dataclasses.replace(eval_cfg, runs=tuple(names), out=str(workspace / "eval" / f"bench-{arch}-matched"),
+                              teacher=False, checkpoints="latest")
+    note = (f"Every method trained to the compute of the cheapest one at its default budget: **{ref_method}**, "
+            f"{budget:.3g} TFLOPs (mean over its runs); costlier runs continue their last checkpoint below that "
+            f"budget and stop within one iteration of it (runs `*-matched`).")
+    return run_eval(cfg), note
+
+
+def as_run_summary(run_dir: Path) -> str:
+    """'128 (8 × 16 × 1), lr student 1e-05 / fake_score 5e-06' from a run's recorded ``as_run`` (``config.json``)."""
+    from cdmbench.io import read_json
+
+    rec = read_json(Path(run_dir) / "config.json").get("as_run")
+    if not rec:
+        return "? (run recorded before cdmbench recorded it)"
+    lrs = " / ".join(f"{k} {v:g}" for k, v in sorted(rec["learning_rates"].items(), key=lambda kv: kv[0] != "student"))
+    return f"{rec['global_batch']} ({rec['world_size']} × {rec['batch_per_process']} × {rec['grad_accum']}), lr {lrs}"
+

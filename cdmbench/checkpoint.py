@@ -1,5 +1,7 @@
 """Checkpoints: one folder per step, written to a temporary folder and renamed (atomic); weights in
-safetensors, optimiser/RNG state loaded with ``weights_only=True``; a ``latest`` pointer file.
+safetensors, optimiser/RNG state loaded with ``weights_only=True``; a ``latest`` pointer file. A checkpoint is
+verified before it is trusted (``verify_checkpoint``: recorded file sizes, parseable headers), and resuming
+falls back to the newest intact one (``newest_intact_checkpoint``).
 
 Network and optimiser states go through torch's distributed state-dict API
 (``torch.distributed.checkpoint.state_dict``), the same calls for a plain module, a DDP-wrapped one and an
@@ -13,16 +15,22 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from cdmbench.errors import CdmbenchError
-from cdmbench.io import load_safetensors, save_safetensors, write_text
+from cdmbench.errors import CdmbenchError, CorruptStateError
+from cdmbench.io import atomic_path, load_safetensors, save_safetensors, write_text
 
 CKPT_DIR = "checkpoints"
+META = "meta.json"
+TRAINING_STATE = "training_state.pt"
+_STEP = re.compile(r"step_\d{7,}")
+_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+_FIX_POINTER = "delete it and run `cdmbench train --resume` to continue from the newest intact checkpoint"
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -31,7 +39,11 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
 
 def save_checkpoint(run_dir: Path, step: int, nets: dict[str, dict], training_state: dict, extra: dict,
                     meta: dict, keep: int = 2) -> Path:
-    """Write ``nets`` (name → state dict) as safetensors plus ``training_state.pt`` and ``meta.json``."""
+    """Write ``nets`` (name → state dict) as safetensors plus ``training_state.pt`` and ``meta.json``.
+
+    ``meta.json`` is written last and lists every other file with its size (``files``), so
+    ``verify_checkpoint`` can tell a complete checkpoint from a truncated or partly deleted one.
+    """
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     if tmp.exists():
@@ -41,34 +53,133 @@ def save_checkpoint(run_dir: Path, step: int, nets: dict[str, dict], training_st
         save_safetensors(state, tmp / f"{name}.safetensors")
     if extra:
         save_safetensors(extra, tmp / "method_state.safetensors")
-    torch.save(training_state, tmp / "training_state.pt")
-    (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2, default=str))
+    with atomic_path(tmp / TRAINING_STATE) as t:
+        torch.save(training_state, t)
+    files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+    write_text(tmp / META, json.dumps({"step": step, **meta, "files": files}, indent=2, default=str))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     write_text(Path(run_dir) / CKPT_DIR / "latest", final.name + "\n")
-    old = sorted(p for p in final.parent.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    old = sorted(p for p in final.parent.glob("step_*") if p.is_dir() and _STEP.fullmatch(p.name))
     for p in old[:-keep]:
         shutil.rmtree(p, ignore_errors=True)
     return final
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint the ``latest`` pointer names (None when there is none yet).
+
+    The pointer's content must be a checkpoint folder name (``step_NNNNNNN``): anything else (a path, ``..``)
+    is a ``CorruptStateError``, never joined into a path.
+    """
     ptr = Path(run_dir) / CKPT_DIR / "latest"
     if not ptr.is_file():
         return None
-    path = ptr.parent / ptr.read_text().strip()
+    try:
+        name = ptr.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CorruptStateError(f"checkpoint pointer {ptr} is unreadable ({e}); {_FIX_POINTER}") from None
+    if not _STEP.fullmatch(name):
+        raise CorruptStateError(f"checkpoint pointer {ptr} holds {name[:60]!r}, not a checkpoint folder name "
+                                f"(step_NNNNNNN); {_FIX_POINTER}")
+    path = ptr.parent / name
     return path if path.is_dir() else None
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, dict], dict, dict, dict]:
-    """(nets, training_state, extra, meta) of a checkpoint folder."""
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Every complete-looking checkpoint folder of a run (``step_NNNNNNN``), newest first."""
+    root = Path(run_dir) / CKPT_DIR
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and _STEP.fullmatch(p.name)), reverse=True)
+
+
+def verify_checkpoint(path: Path) -> str:
+    """Why checkpoint folder ``path`` cannot be trusted, in words; ``""`` when it is intact.
+
+    Checks without loading the tensors: ``meta.json`` parses and names its step; every file it lists is
+    present with the recorded size; every safetensors header parses; ``training_state.pt`` is present.
+    Checkpoints written before file sizes were recorded are checked for the files alone.
+    """
+    from safetensors import safe_open
+
     path = Path(path)
-    nets = {p.stem: load_safetensors(p) for p in path.glob("*.safetensors") if p.stem != "method_state"}
-    extra = load_safetensors(path / "method_state.safetensors") if (path / "method_state.safetensors").exists() else {}
-    state = torch.load(path / "training_state.pt", weights_only=True)
-    meta = json.loads((path / "meta.json").read_text())
+    try:
+        meta = json.loads((path / META).read_text())
+        int(meta["step"])
+    except FileNotFoundError:
+        return f"{path / META} is missing"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{path / META} is unreadable or incomplete ({type(e).__name__})"
+    files = meta.get("files")
+    if not isinstance(files, dict):
+        files = {p.name: None for p in path.iterdir() if p.name != META}
+    for required in (TRAINING_STATE, "student.safetensors", "student_ema.safetensors"):
+        if required not in files:
+            return f"{path} lists no {required}"
+    for name, size in files.items():
+        f = path / str(name)
+        if not _FILE.fullmatch(str(name)) or not f.is_file():
+            return f"{f} is missing"
+        if size is not None and f.stat().st_size != size:
+            return f"{f} has {f.stat().st_size} bytes, {size} were written (truncated?)"
+        if f.suffix == ".safetensors":
+            try:
+                with safe_open(str(f), framework="pt"):
+                    pass
+            except Exception as e:  # safetensors raises its own error types for a bad header
+                return f"{f} is corrupt ({type(e).__name__})"
+    return ""
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, dict], dict, dict, dict]:
+    """(nets, training_state, extra, meta) of a checkpoint folder; corruption is a ``CorruptStateError``."""
+    path = Path(path)
+    bad = verify_checkpoint(path)
+    if bad:
+        raise CorruptStateError(f"checkpoint {path} cannot be used: {bad}")
+    fix = "the checkpoint is corrupt; `cdmbench train --resume` falls back to the previous intact one"
+    nets = {p.stem: load_safetensors(p, fix=fix) for p in sorted(path.glob("*.safetensors"))
+            if p.stem != "method_state"}
+    extra = (load_safetensors(path / "method_state.safetensors", fix=fix)
+             if (path / "method_state.safetensors").exists() else {})
+    try:
+        state = torch.load(path / TRAINING_STATE, weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError … for a damaged file
+        raise CorruptStateError(f"{path / TRAINING_STATE} is truncated or corrupt ({type(e).__name__}); {fix}") from None
+    meta = json.loads((path / META).read_text())
+    meta.pop("files", None)
     return nets, state, extra, meta
+
+
+def load_newest_intact(run_dir: Path, networks: list[str]) -> tuple[Path | None, tuple | None, list[str]]:
+    """(checkpoint, ``load_checkpoint`` result, notes) for the newest checkpoint of a run that verifies,
+    loads, and holds every network in ``networks`` (plus ``student_ema``); notes say why newer ones did not.
+
+    Tried newest first: the ``latest`` pointer's target and every ``step_*`` folder. (None, None, notes) when
+    no checkpoint qualifies.
+    """
+    notes: list[str] = []
+    try:
+        pointed = latest_checkpoint(run_dir)
+    except CorruptStateError as e:
+        notes.append(str(e))
+        pointed = None
+    order = sorted({*([pointed] if pointed is not None else []), *checkpoints(run_dir)},
+                   key=lambda p: p.name, reverse=True)
+    for p in order:
+        try:
+            loaded = load_checkpoint(p)
+        except CorruptStateError as e:
+            notes.append(str(e))
+            continue
+        absent = [n for n in [*networks, "student_ema"] if n not in loaded[0]]
+        if absent:
+            notes.append(f"checkpoint {p} cannot be used: it has no weights for {absent}")
+            continue
+        return p, loaded, notes
+    return None, None, notes
 
 
 # ------------------------------------------------------------------------------------------------

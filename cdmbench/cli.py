@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+import typer.core
 
 from cdmbench.errors import CdmbenchError
 
@@ -36,27 +37,67 @@ def _registry_enum(kind: str) -> type[enum.Enum]:
 MethodName = _registry_enum("method")
 ArchName = _registry_enum("backbone")
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+class _OneLineErrors(typer.core.TyperGroup):
+    """Usage errors (a bad option value, an unknown option or command) as one line, like every other error:
+    ``error: <what is wrong> (see `cdmbench CMD --help`)``, exit code 2; no usage block or error panel."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        from typer._click import exceptions as cx  # typer vendors click; its exception classes live here
+
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except cx.NoArgsIsHelpError as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except cx.UsageError as e:
+            where = e.ctx.command_path if e.ctx is not None else "cdmbench"
+            typer.echo(f"error: {_one_line(e.format_message())} (see `{where} --help`)", err=True)
+            sys.exit(e.exit_code)
+        except cx.ClickException as e:
+            typer.echo(f"error: {_one_line(e.format_message())}", err=True)
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            typer.echo("aborted", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+app = typer.Typer(cls=_OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="cdmbench: train few-step distilled students, evaluate them across step counts, report.")
 toy_app = typer.Typer(no_args_is_help=True, help="Rebuild the embedded toy backbone's shipped weights.")
 app.add_typer(toy_app, name="toy")
 
 
 def friendly(fn):
-    """Turn user-facing errors into one line on stderr and exit code 2 (no traceback)."""
+    """Turn user-facing errors into one line on stderr and a non-zero exit (no traceback).
+
+    ``CdmbenchError`` (bad input, missing weights, corrupt state, a failed guard) exits 2; an ``OSError``
+    from the file system (a read-only folder, a file where a folder should be, a full disk) exits 1 with the
+    file it concerns; Ctrl-C exits 130. Anything else is a bug and keeps its traceback.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except CdmbenchError as e:
-            typer.echo(f"error: {e}", err=True)
+            typer.echo(f"error: {_one_line(str(e))}", err=True)
             raise typer.Exit(2)
+        except OSError as e:
+            where = f": {e.filename}" if e.filename else ""
+            typer.echo(f"error: {e.strerror or type(e).__name__}{where}", err=True)
+            raise typer.Exit(1)
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130)
 
     return wrapper
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split()) if "\n" in text else text
 
 
 def _backbone_options(model, device, dtype, lora_rank, allow_remote_code):
@@ -74,9 +115,12 @@ def train(
     set_: List[str] = typer.Option([], "--set", help="Override a setting: key=value (method field, train.<f>, backbone.<f>)."),
     steps_budget: Optional[int] = typer.Option(None, "--steps-budget", help="Training iterations (train.steps)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Prompts per iteration per process."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Training seed (train.seed)."),
+    budget_tflops: Optional[float] = typer.Option(None, "--budget-tflops", help="Stop once the counted training compute reaches this many TFLOPs (train.budget_tflops)."),
     run_name: Optional[str] = typer.Option(None, "--run-name", help="Run folder name (default METHOD-ARCH)."),
     workspace: Path = typer.Option(Path("workspace"), "--workspace", help="Holds runs/ and eval/."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the run's latest checkpoint."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run's newest intact checkpoint."),
+    force: bool = typer.Option(False, "--force", help="With --resume: accept changed step budget, logging/checkpoint cadence or device."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and exit."),
     model: Optional[str] = typer.Option(None, "--model", help="Hub id or local folder of the backbone weights."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda (accelerate launch sets it per process)."),
@@ -87,20 +131,30 @@ def train(
 ):
     """Distil a student with METHOD on a backbone; checkpoints land in WORKSPACE/runs/RUN."""
     from cdmbench.config import parse_overrides
+    from cdmbench.paths import check_device, check_name, check_writable_dir
     from cdmbench.train import resolve_config, train as run_train
 
+    name = check_name(run_name, "--run-name") if run_name is not None else f"{method.value}-{arch.value}"
+    check_device(device)
+    if force and not resume:
+        raise CdmbenchError("--force only applies with --resume")
     overrides = parse_overrides(set_)
     if steps_budget is not None:
         overrides["train.steps"] = str(steps_budget)
     if batch_size is not None:
         overrides["train.batch_size"] = str(batch_size)
+    if seed is not None:
+        overrides["train.seed"] = str(seed)
+    if budget_tflops is not None:
+        overrides["train.budget_tflops"] = str(budget_tflops)
     cfg = resolve_config(method.value, arch.value, overrides,
                          _backbone_options(model, device, dtype, lora_rank, allow_remote_code))
     if dry_run:
         typer.echo(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
         return
-    run_dir = workspace / "runs" / (run_name or f"{method.value}-{arch.value}")
-    final = run_train(cfg, run_dir, resume=resume, progress=not quiet)
+    check_writable_dir(workspace, "--workspace")
+    check_writable_dir(workspace / "runs", "--workspace")
+    final = run_train(cfg, workspace / "runs" / name, resume=resume, force=force, progress=not quiet)
     typer.echo(f"trained {method.value} on {arch.value}: {final}")
 
 
@@ -121,26 +175,57 @@ def eval_(
     arch: Optional[ArchName] = typer.Option(None, "--arch", help="Backbone for teacher/external rows when no run names it."),
     external: List[str] = typer.Option([], "--external", help="NAME=PATH_OR_ID of an already-distilled pipeline."),
     device: str = typer.Option("cpu", "--device"),
+    checkpoints: str = typer.Option("latest", "--checkpoints", help="latest | all (every kept checkpoint: a learning curve)."),
+    allow_download: bool = typer.Option(False, "--allow-download", help="Let scorers download missing weights (default: local files only)."),
     quiet: bool = typer.Option(False, "--quiet"),
 ):
     """Generate (cached, resumable) and score every run × step count; rows go to results.csv."""
     from cdmbench.eval.harness import EvalConfig, run_eval
+    from cdmbench.paths import (MAX_BATCH, MAX_PROMPTS, MAX_SEEDS, MAX_STEPS, check_count, check_device,
+                                check_name, check_readable_dir, check_writable_dir)
     from cdmbench.seeding import parse_int_list
 
-    step_list = parse_int_list(steps, name="steps")
-    if any(s < 1 for s in step_list):
-        raise CdmbenchError("--steps: step counts must be >= 1")
+    step_list = _step_list(steps, "steps")
+    run_names = None
+    if runs is not None:
+        run_names = tuple(check_name(r.strip(), "--runs") for r in runs.split(",") if r.strip())
+        if not run_names:
+            raise CdmbenchError("--runs: empty list; pass run names separated by commas")
+    for e in external:
+        check_name(e.partition("=")[0].strip(), "--external NAME")
+    check_count(num_prompts, "--num-prompts", maximum=MAX_PROMPTS)
+    check_count(batch_size, "--batch-size", maximum=MAX_BATCH)
+    check_device(device)
+    check_readable_dir(workspace, "--workspace")
+    check_writable_dir(out if out else workspace / "eval", "--out" if out else "--workspace")
     cfg = EvalConfig(
-        workspace=str(workspace), steps=tuple(step_list),
-        runs=tuple(r.strip() for r in runs.split(",") if r.strip()) if runs else None,
+        workspace=str(workspace), steps=tuple(step_list), runs=run_names,
         metrics=tuple(m.strip() for m in metrics.split(",") if m.strip()) if metrics else None,
-        prompts=prompts, num_prompts=num_prompts, seeds=tuple(parse_int_list(seeds, name="seeds")),
+        prompts=prompts, num_prompts=num_prompts,
+        seeds=tuple(parse_int_list(seeds, name="seeds", max_count=MAX_SEEDS)),
         batch_size=batch_size, out=str(out) if out else None, teacher=teacher,
-        teacher_steps=tuple(parse_int_list(teacher_steps, name="teacher-steps")) if teacher_steps else None,
+        teacher_steps=tuple(_step_list(teacher_steps, "teacher-steps")) if teacher_steps else None,
         arch=arch.value if arch else None, external=tuple(external), device=device, progress=not quiet,
+        checkpoints=checkpoints,
     )
+    if allow_download:
+        import os
+
+        from cdmbench.eval.metrics.base import DOWNLOAD_ENV
+
+        os.environ[DOWNLOAD_ENV] = "1"  # read by the scorers' loaders (cdmbench.eval.metrics.base)
     path = run_eval(cfg)
     typer.echo(f"results: {path}")
+
+
+def _step_list(text: str, name: str) -> list[int]:
+    from cdmbench.paths import MAX_STEPS
+    from cdmbench.seeding import parse_int_list
+
+    values = parse_int_list(text, name=name, maximum=MAX_STEPS)
+    if any(s < 1 for s in values):
+        raise CdmbenchError(f"--{name}: step counts must be >= 1")
+    return values
 
 
 @app.command()
@@ -154,10 +239,13 @@ def report(
     """Write markdown tables, plots, an image grid and CSV pivots from the results."""
     from cdmbench.reports import build_report
 
+    from cdmbench.paths import check_writable_dir
+
     res = results or workspace / "eval" / "results.csv"
     if not Path(res).is_file():
         raise CdmbenchError(f"no results at {res}; run `cdmbench eval` first")
-    path = build_report(res, out, images_root=Path(res).parent, title=title)
+    check_writable_dir(out, "--out")
+    path = build_report(res, out, images_root=Path(res).parent, title=title, argv=sys.argv)
     typer.echo(f"report: {path}")
 
 
@@ -173,6 +261,10 @@ def export(
     """Export a trained student as a stock diffusers pipeline folder."""
     from cdmbench.export import export_run
 
+    if weights not in ("ema", "raw"):
+        raise CdmbenchError(f"--weights must be 'ema' or 'raw', got {weights!r}")
+    if lora not in ("merge", "lora"):
+        raise CdmbenchError(f"--lora must be 'merge' or 'lora', got {lora!r}")
     path = export_run(run, out, workspace=workspace, weights=weights, lora_mode=lora)
     typer.echo(f"exported: {path}")
 
@@ -186,14 +278,33 @@ def bench(
     workspace: Path = typer.Option(Path("workspace"), "--workspace"),
     out: Path = typer.Option(Path("reports/toy"), "--out"),
     seeds: str = typer.Option("0-4", "--seeds", help="Eval seeds per prompt; the diversity metrics need >= 2 (default 5: 10 pairs per prompt)."),
+    train_seeds: str = typer.Option("0", "--train-seeds", help="Training seeds: one run per method and seed, e.g. 0-2."),
+    match_compute: bool = typer.Option(False, "--match-compute", help="Also compare every method at the compute of the cheapest one."),
+    set_: List[str] = typer.Option([], "--set", help="Override a setting of every run: key=value (e.g. train.steps=40)."),
+    num_prompts: Optional[int] = typer.Option(None, "--num-prompts", help="Evaluate the first N prompts."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ):
-    """Train every method at its default budget (finished runs are kept), evaluate, and report."""
+    """Train every method at its default budget (finished runs are kept), evaluate every kept checkpoint,
+    and report means over training seeds with paired verdicts.
+
+    Example: cdmbench bench --arch toy --train-seeds 0-2 --seeds 0-4 --match-compute
+    """
     from cdmbench.bench import run_bench
+    from cdmbench.config import parse_overrides
     from cdmbench.seeding import parse_int_list
 
+    from cdmbench.paths import MAX_SEEDS, check_writable_dir
+
     names = [m.strip() for m in methods.split(",")] if methods else None
-    path = run_bench(arch.value, names, parse_int_list(steps, name="steps"), workspace, out,
-                     seeds=parse_int_list(seeds, name="seeds"), argv=sys.argv)
+    if names is not None and not all(names):
+        raise CdmbenchError("--methods: empty name in the list")
+    step_list = _step_list(steps, "steps")
+    seed_list = parse_int_list(seeds, name="seeds", max_count=MAX_SEEDS)
+    check_writable_dir(workspace, "--workspace")
+    check_writable_dir(out, "--out")
+    path = run_bench(arch.value, names, step_list, workspace, out, seeds=seed_list, argv=sys.argv,
+                     train_seeds=parse_int_list(train_seeds, name="train-seeds"), match_compute=match_compute,
+                     overrides=parse_overrides(set_), num_prompts=num_prompts, progress=not quiet)
     typer.echo(f"report: {path}")
 
 
@@ -239,7 +350,20 @@ def toy_train_teacher(
     init: Optional[Path] = typer.Option(None, "--init", help="Continue from this teacher file."),
 ):
     """Reproduce the shipped toy teacher from a seed (see cdmbench/toy/train_teacher.py)."""
+    import math
+
+    from cdmbench.paths import MAX_INT, MAX_TRAIN_STEPS, check_count, check_writable_dir
     from cdmbench.toy.train_teacher import train_teacher
+
+    check_count(steps, "--steps", maximum=MAX_TRAIN_STEPS)
+    check_count(seed, "--seed", minimum=0, maximum=MAX_INT)
+    if not (math.isfinite(lr) and lr > 0):
+        raise CdmbenchError(f"--lr must be a positive number, got {lr}")
+    if init is not None and not init.is_file():
+        raise CdmbenchError(f"--init: no teacher file at {init}")
+    if out.is_dir():
+        raise CdmbenchError(f"--out {out} is a folder; pass the teacher's .safetensors file path")
+    check_writable_dir(out.parent, "--out")
 
     typer.echo(json.dumps(train_teacher(out, steps=steps, seed=seed, lr=lr, init=init), indent=2))
 
@@ -255,8 +379,11 @@ def toy_train_evaluators(
 
     Example: cdmbench toy train-evaluators --out-dir cdmbench/assets --only factors   (about a minute)
     """
+    from cdmbench.paths import MAX_INT, check_count, check_writable_dir
     from cdmbench.toy.train_evaluators import train_all
 
+    check_count(seed, "--seed", minimum=0, maximum=MAX_INT)
+    check_writable_dir(out_dir, "--out-dir")
     steps = tuple(s.strip() for s in only.split(",") if s.strip()) if only is not None else None
     typer.echo(json.dumps(train_all(out_dir, seed=seed, only=steps), indent=2, default=str))
 

@@ -19,8 +19,10 @@ from cdmbench.errors import CdmbenchError
 class TrainConfig:
     """What every method shares: budget, batch, seeds, EMA, checkpoints, precision."""
 
-    steps: int = 400  # training iterations (one ``train_step`` call each)
-    batch_size: int = 16  # prompts per iteration per process
+    steps: int = 400  # training iterations (optimiser steps; ``grad_accum`` ``train_step`` calls each)
+    budget_tflops: float = 0.0  # stop once the counted training compute reaches this (0 = iterations only)
+    batch_size: int = 16  # prompts per micro-batch per process
+    grad_accum: int = 1  # micro-batches per optimiser step: global batch = batch_size × processes × grad_accum
     seed: int = 0  # global seed; process i uses seed + i for its own randomness
     ema_decay: float = 0.999  # student EMA: decay_k = min((1+k)/(10+k), ema_decay), k = student updates
     grad_clip: float = 1.0  # max global grad norm per optimiser step (0 disables)
@@ -29,9 +31,27 @@ class TrainConfig:
     log_every: int = 10  # iterations between health-log rows
     mixed_precision: str = "no"  # no | bf16 | fp16 (accelerate autocast); losses stay fp32
     prompts: str | None = None  # training prompt file (one per line); None = the backbone's own source
+    # real image-caption data (cdmbench.data): an image folder with metadata.jsonl/.csv/.parquet, a folder written
+    # by datasets' save_to_disk, or webdataset .tar shards; None = the backbone's own source (the toy's shapes)
+    data: str | None = None
+    data_image_column: str | None = None  # None: the first image column
+    data_caption_column: str | None = None  # None: the first of text / caption / txt / prompt
+    data_cache: str | None = None  # folder for encoded latents (written once, read back); None = encode each time
 
     def __post_init__(self):
-        _check_positive(self, ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every"))
+        from cdmbench.paths import MAX_BATCH, MAX_INT, MAX_TRAIN_STEPS, check_count
+
+        _check_positive(self, ("steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints",
+                               "log_every"))
+        check_count(self.steps, "train.steps", maximum=MAX_TRAIN_STEPS)
+        check_count(self.batch_size, "train.batch_size", maximum=MAX_BATCH)
+        check_count(self.seed, "train.seed", minimum=0, maximum=MAX_INT)
+        if not self.grad_clip >= 0:
+            raise CdmbenchError(f"train.grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}")
+        if self.prompts is not None and not str(self.prompts).strip():
+            raise CdmbenchError("train.prompts: empty path; pass a prompt file or leave it unset")
+        if not (isinstance(self.budget_tflops, (int, float)) and self.budget_tflops >= 0):
+            raise CdmbenchError(f"train.budget_tflops must be a number >= 0 (0 = no compute budget), got {self.budget_tflops!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise CdmbenchError(f"train.mixed_precision must be one of no, bf16, fp16; got {self.mixed_precision!r}")
         if not 0 <= self.ema_decay < 1:
@@ -67,9 +87,13 @@ def _coerce(value: str, tp: Any, key: str) -> Any:
             return None
         return _coerce(value, args[0], key)
     if origin is tuple:
-        inner = typing.get_args(tp)[0]
+        args = typing.get_args(tp)
         parts = [p for p in value.replace(" ", "").split(",") if p]
-        return tuple(_coerce(p, inner, key) for p in parts)
+        if len(args) != 2 or args[1] is not Ellipsis:  # a fixed-length tuple, e.g. betas: tuple[float, float]
+            if len(parts) != len(args):
+                raise CdmbenchError(f"--set {key}: expected {len(args)} comma-separated values, got {value!r}")
+            return tuple(_coerce(p, a, key) for p, a in zip(parts, args))
+        return tuple(_coerce(p, args[0], key) for p in parts)
     try:
         if tp is bool:
             if value.lower() in ("1", "true", "yes", "on"):

@@ -18,3 +18,7 @@ class MissingWeightsError(CdmbenchError):
 
 class NonFiniteError(CdmbenchError):
     """Training produced NaN/inf; the last good checkpoint is kept."""
+
+
+class CorruptStateError(CdmbenchError):
+    """A file cdmbench wrote (run config, checkpoint, manifest, results) is missing, truncated or corrupt."""

@@ -107,19 +107,69 @@ def export_student(backbone, student_state: dict[str, torch.Tensor], out_dir: st
     return out_dir
 
 
-def load_exported_pipeline(path: str | os.PathLike, **from_pretrained_kwargs):
-    """(pipeline, record) for a folder written by ``export_student``: applies the recorded load kwargs,
-    pipeline attributes and LoRA file. Call it with ``**record["call_kwargs"]`` and a recorded σ list."""
+# Pipeline attributes an export may record (data only: a name and its type); anything else is refused.
+_DATA_ATTRIBUTES: dict[str, type] = {"tokenizer_max_length": int}
+
+
+def load_exported_pipeline(path: str | os.PathLike, *, allow_remote_code: bool = False, **from_pretrained_kwargs):
+    """(pipeline, record) for a folder written by ``export_student``. Call it with ``**record["call_kwargs"]``
+    and a recorded σ list.
+
+    The folder is data, never configuration of the loader: the pipeline class and its ``from_pretrained``
+    options come from the registered backbone named by the record's ``arch`` (the record must agree with
+    them), recorded attributes must be in ``_DATA_ATTRIBUTES`` with values of their type, the LoRA file name
+    must be the one ``export_student`` writes, and repository code runs only with ``allow_remote_code``.
+    ``from_pretrained_kwargs`` are the caller's own options (e.g. ``dtype``).
+    """
     import diffusers
 
+    from cdmbench.backbones import BACKBONES
+    from cdmbench.backbones.diffusers import DiffusersBackbone
+    from cdmbench.io import read_json
+
     path = Path(path)
-    record = json.loads((path / STUDENT_FILE).read_text())
-    pipe = getattr(diffusers, record["pipeline_class"]).from_pretrained(
-        path, use_safetensors=True, **{**record["from_pretrained_kwargs"], **from_pretrained_kwargs})
-    for name, value in record["attributes"].items():
+    if not path.is_dir():
+        raise CdmbenchError(f"exported pipeline folder {path} does not exist")
+    record = read_json(path / STUDENT_FILE, what="export record", fix="is this a folder written by cdmbench export?")
+    if not isinstance(record, dict):
+        raise CdmbenchError(f"{path / STUDENT_FILE} is not a JSON object")
+    arch = record.get("arch")
+    if not isinstance(arch, str) or arch not in BACKBONES:
+        raise CdmbenchError(f"{path / STUDENT_FILE}: arch {arch!r} is not a registered backbone "
+                            f"({', '.join(BACKBONES.names())})")
+    cls = BACKBONES.get(arch)
+    if not (isinstance(cls, type) and issubclass(cls, DiffusersBackbone)):
+        raise CdmbenchError(f"{path / STUDENT_FILE}: backbone {arch!r} does not export diffusers pipelines")
+    if record.get("pipeline_class") != cls.pipeline_class:
+        raise CdmbenchError(f"{path / STUDENT_FILE}: pipeline_class {record.get('pipeline_class')!r} is not the "
+                            f"{arch} pipeline ({cls.pipeline_class})")
+    recorded = record.get("from_pretrained_kwargs") or {}
+    if recorded != cls.pipeline_load_kwargs:
+        raise CdmbenchError(f"{path / STUDENT_FILE} asks for loader options {recorded!r}; cdmbench takes loader "
+                            f"options from code, never from a folder (the {arch} ones are {cls.pipeline_load_kwargs!r})")
+    attributes = record.get("attributes") or {}
+    for name, value in (attributes.items() if isinstance(attributes, dict) else [("attributes", attributes)]):
+        want = _DATA_ATTRIBUTES.get(name)
+        if want is None or isinstance(value, bool) or not isinstance(value, want):
+            raise CdmbenchError(f"{path / STUDENT_FILE}: attribute {name!r}={value!r} is not one an export sets "
+                                f"(allowed: {', '.join(f'{k} ({t.__name__})' for k, t in _DATA_ATTRIBUTES.items())})")
+    lora = record.get("lora_weight_name")
+    if lora not in (None, LORA_WEIGHT_NAME):
+        raise CdmbenchError(f"{path / STUDENT_FILE}: lora_weight_name {lora!r} is not {LORA_WEIGHT_NAME!r}")
+    for k in ("trust_remote_code", "custom_pipeline"):
+        if k in from_pretrained_kwargs:
+            raise CdmbenchError(f"load_exported_pipeline: pass allow_remote_code=True instead of {k}")
+    try:
+        pipe = getattr(diffusers, cls.pipeline_class).from_pretrained(
+            path, use_safetensors=True, trust_remote_code=allow_remote_code,
+            **{**cls.pipeline_load_kwargs, **from_pretrained_kwargs})
+    except (OSError, ValueError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise CdmbenchError(f"could not load {path} as a {cls.pipeline_class} ({reason})") from None
+    for name, value in attributes.items():
         setattr(pipe, name, value)
-    if record["lora_weight_name"]:
-        pipe.load_lora_weights(path, weight_name=record["lora_weight_name"])
+    if lora:
+        pipe.load_lora_weights(path, weight_name=LORA_WEIGHT_NAME)
     return pipe, record
 
 
@@ -255,23 +305,29 @@ def export_run(run: str | os.PathLike, out_dir: str | os.PathLike, *, workspace:
     """
     from cdmbench.backbones import build_backbone
     from cdmbench.checkpoint import latest_checkpoint, load_checkpoint
-    from cdmbench.io import read_json
     from cdmbench.methods import METHODS
-    from cdmbench.train import RunConfig
+    from cdmbench.paths import check_name, check_writable_dir
+    from cdmbench.resume import read_run_config
 
     if weights not in ("ema", "raw"):
         raise CdmbenchError(f"--weights must be 'ema' or 'raw', got {weights!r}")
-    run_dir = Path(run) if Path(run).is_dir() else Path(workspace) / "runs" / str(run)
+    run_dir = Path(run) if Path(run).is_dir() else Path(workspace) / "runs" / check_name(str(run), "RUN")
     if not (run_dir / "config.json").is_file():
         raise CdmbenchError(f"no run {run!r}: {run_dir}/config.json not found")
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         raise CdmbenchError(f"run {run_dir} has no checkpoint yet")
-    cfg = RunConfig.from_dict(read_json(run_dir / "config.json"))
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise CdmbenchError(f"--out {out_dir} already exists; choose another folder")
+    check_writable_dir(out_dir, "--out")
+    cfg = read_run_config(run_dir)
     backbone = build_backbone(cfg.arch, cfg.backbone)
     method = METHODS.get(cfg.method)(backbone, cfg.method_config, training=False)
     nets, _, _, meta = load_checkpoint(ckpt)
-    state = nets["student_ema" if weights == "ema" else "student"]
+    state = nets.get("student_ema" if weights == "ema" else "student")
+    if state is None:
+        raise CdmbenchError(f"checkpoint {ckpt} has no {'student_ema' if weights == 'ema' else 'student'} weights")
     supported = method.supported_steps
     schedules = {n: method.schedule(n) for n in steps if supported is None or n in supported}
     if not schedules:

@@ -12,23 +12,34 @@ import re
 import torch
 
 from cdmbench.errors import CdmbenchError
+from cdmbench.paths import MAX_INT, MAX_LIST
 
 
-def parse_int_list(text: str, *, name: str = "value") -> list[int]:
-    """Parse '1,2,4' or '0-3,8' into a list of ints (ranges are inclusive)."""
+def parse_int_list(text: str, *, name: str = "value", maximum: int = MAX_INT, max_count: int = MAX_LIST) -> list[int]:
+    """Parse '1,2,4' or '0-3,8' into a list of ints (ranges are inclusive).
+
+    Bounded before anything is built: every value must be <= ``maximum`` and the list at most ``max_count``
+    long, so '0-99999999999999' is one clear error, not a list that fills the memory.
+    """
     out: list[int] = []
     if text is None or not str(text).strip():
         raise CdmbenchError(f"--{name}: empty list; expected e.g. '1,2,4' or '0-15'")
     for part in str(text).split(","):
         part = part.strip()
-        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        m = re.fullmatch(r"(\d{1,19})(?:-(\d{1,19}))?", part)
         if not m:
             raise CdmbenchError(f"--{name}: cannot parse {part!r}; expected non-negative integers like '1,2,4' or '0-15'")
         lo = int(m.group(1))
         hi = int(m.group(2)) if m.group(2) is not None else lo
         if hi < lo:
             raise CdmbenchError(f"--{name}: range {part!r} is empty")
+        if hi > maximum:
+            raise CdmbenchError(f"--{name}: {hi} is too large (at most {maximum})")
+        if len(out) + (hi - lo + 1) > max_count:
+            raise CdmbenchError(f"--{name}: {text!r} lists more than {max_count} values")
         out.extend(range(lo, hi + 1))
+    if len(set(out)) != len(out):
+        raise CdmbenchError(f"--{name}: {text!r} lists a value twice")
     return out
 
 

@@ -29,13 +29,16 @@ import numpy as np
 import torch
 
 from cdmbench.backbones.base import BackboneOptions
-from cdmbench.checkpoint import (full_optimizer_state, latest_checkpoint, load_checkpoint,
-                                 load_full_optimizer_state, save_checkpoint)
+from cdmbench.checkpoint import (full_optimizer_state, load_full_optimizer_state, load_newest_intact,
+                                 save_checkpoint)
+from cdmbench.compute import ComputeMeter, run_roles
 from cdmbench.config import TrainConfig, apply_overrides, from_jsonable, to_jsonable
-from cdmbench.errors import CdmbenchError, NonFiniteError
-from cdmbench.io import read_json, write_json
+from cdmbench.errors import CdmbenchError, CorruptStateError, NonFiniteError
+from cdmbench.io import write_json
+from cdmbench.resume import begin, check_start
 
 logger = logging.getLogger(__name__)
+COMPUTE_FILE = "compute.json"  # the run's compute totals at its latest checkpoint (cdmbench.compute)
 
 # ------------------------------------------------------------------------------------------------
 # Resolved run configuration
@@ -109,7 +112,10 @@ class PromptSource:
             p = Path(path)
             if not p.is_file():
                 raise CdmbenchError(f"train.prompts: no such file {path!r}")
-            self.lines = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
+            try:
+                self.lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+            except UnicodeDecodeError as e:
+                raise CdmbenchError(f"train.prompts: {path!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
             if len(self.lines) < num_processes:
                 raise CdmbenchError(f"train.prompts: {path!r} has {len(self.lines)} prompts; need at least one per process")
 
@@ -119,8 +125,8 @@ class PromptSource:
             return self.backbone.train_prompts(n, generator)
         return [self.lines[int(i)] for i in torch.randint(len(self.lines), (n,), generator=generator)]
 
-    def __call__(self, step: int, n: int) -> list[str]:
-        g = torch.Generator().manual_seed(_mix(self.seed, step, self.rank))
+    def __call__(self, step: int, n: int, micro: int = 0) -> list[str]:
+        g = torch.Generator().manual_seed(_mix(self.seed, step, self.rank, *([micro] if micro else [])))
         if self.lines is None:
             return self.backbone.train_prompts(n, g)
         shard = self.lines[self.rank::self.world]
@@ -129,6 +135,16 @@ class PromptSource:
 
 def _mix(*xs: int) -> int:
     return int.from_bytes(hashlib.sha256(repr(xs).encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def run_record(cfg: RunConfig, world_size: int, specs: dict, data) -> dict:
+    """What a run used, as used (``config.json`` "as_run"): processes, batch per process, gradient accumulation,
+    global batch (= batch × processes × accumulation), each optimiser's learning rate, clip, data source."""
+    tc = cfg.train
+    return {"world_size": world_size, "batch_per_process": tc.batch_size, "grad_accum": tc.grad_accum,
+            "global_batch": tc.batch_size * world_size * tc.grad_accum,
+            "learning_rates": {name: spec.lr for name, spec in specs.items()}, "grad_clip": tc.grad_clip,
+            "data": data.describe() if data is not None else None}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -160,6 +176,12 @@ def _adamw(params: list[torch.nn.Parameter], spec) -> torch.optim.AdamW:
     from torch.optim.optimizer import _device_dtype_check_for_fused  # the check AdamW(fused=True) runs at step 1
 
     kw = dict(lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay, eps=spec.eps)
+    if not spec.warmup >= 0:
+        raise CdmbenchError(f"optimizer warm-up must be >= 0 steps, got {spec.warmup} (check --set warmup)")
+    try:
+        torch.optim.AdamW([torch.zeros(1, requires_grad=True)], **kw)  # torch's own checks of the settings
+    except (ValueError, TypeError, IndexError) as e:
+        raise CdmbenchError(f"optimizer settings {kw}: {e} (check the --set lr/betas/eps/weight_decay values)") from None
     try:
         for p in params:
             _device_dtype_check_for_fused(p)
@@ -229,7 +251,8 @@ class HealthLog:
         if not enabled:
             return
         if resume_step and self.path.exists():  # drop rows the resumed run will write again
-            rows = [r for r in csv.reader(self.path.open()) if r and (r[0] == "step" or int(r[0]) < resume_step)]
+            rows = [r for r in csv.reader(self.path.open(errors="replace"))  # rows torn by a kill are dropped
+                    if len(r) == 3 and (r[0] == "step" or (r[0].isdigit() and int(r[0]) < resume_step))]
             with self.path.open("w", newline="") as f:
                 csv.writer(f).writerows(rows)
         new = not self.path.exists()
@@ -259,12 +282,14 @@ class HealthLog:
                 self.tb.close()
 
 
-def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
+def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, force: bool = False, progress: bool = True,
           stop_after: int | None = None) -> Path:
     """Train ``cfg`` into ``run_dir``; returns the final checkpoint folder.
 
-    ``resume`` continues from the latest checkpoint in ``run_dir``. ``stop_after`` ends the process
-    after that many iterations *without* a final checkpoint (a simulated kill, for tests).
+    ``resume`` continues from the newest intact checkpoint in ``run_dir`` (``cdmbench.resume``: the saved
+    config must match; ``force`` accepts the safe differences). Nothing is written before the backbone, the
+    prompt source, the method and its optimisers are built. ``stop_after`` ends the process after that many
+    iterations *without* a final checkpoint (a simulated kill, for tests).
     """
     from accelerate import Accelerator, DistributedType
     from accelerate.utils import gather_object
@@ -272,8 +297,10 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from cdmbench.backbones import build_backbone
+    from cdmbench.data import build_data_source
     from cdmbench.methods import METHODS
-    from cdmbench.methods.base import Batch
+    from cdmbench.methods.base import Batch, RunContext
+    from cdmbench.pairs import Processes
 
     run_dir = Path(run_dir)
     tc = cfg.train
@@ -283,15 +310,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
                             "launch with DDP or train the full network")
     main = accelerator.is_main_process
     start, ckpt = 0, None
-    if resume:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            raise CdmbenchError(f"--resume: no checkpoint in {run_dir}")
-        saved = RunConfig.from_dict(read_json(run_dir / "config.json"))
-        if saved.to_dict()["method_config"] != cfg.to_dict()["method_config"] or saved.method != cfg.method:
-            raise CdmbenchError(f"--resume: the config differs from the one saved in {run_dir}/config.json")
-    elif (run_dir / "config.json").exists():
-        raise CdmbenchError(f"run folder {run_dir} already exists; pass --resume to continue it or choose another --run-name")
+    plan = check_start(run_dir, cfg.to_dict(), resume=resume, force=force)  # writes nothing
     seed = tc.seed + accelerator.process_index
     torch.manual_seed(seed)
     random.seed(seed)
@@ -299,11 +318,12 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
     options = dataclasses.replace(cfg.backbone, device=str(accelerator.device))
     backbone = build_backbone(cfg.arch, options)  # fails (missing weights, bad options) before any file is written
     prompts = PromptSource(backbone, tc.prompts, tc.seed, accelerator.process_index, accelerator.num_processes)
-    method = METHODS.get(cfg.method)(backbone, cfg.method_config)
+    data = build_data_source(backbone, spec=tc.data, seed=tc.seed, process_index=accelerator.process_index,
+                             num_processes=accelerator.num_processes, image_column=tc.data_image_column,
+                             caption_column=tc.data_caption_column, cache_dir=tc.data_cache)
+    # a method that needs real data on a backbone without any fails here, before any file is written
+    method = METHODS.get(cfg.method)(backbone, cfg.method_config, data_source=data)
     method.prompt_source = prompts.sample  # extra prompts a method draws (e.g. cached teacher pairs)
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "config.json", {**cfg.to_dict(), "world_size": accelerator.num_processes})
     specs = method.optim_specs()
     optimizers, schedulers = {}, {}
     for name, spec in specs.items():
@@ -318,9 +338,23 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
     ema = StudentEMA(method.nets["student"])
     counts = {name: 0 for name in specs}
     prev_minutes = 0.0
+    compute_state = None
+    loaded = None
+    if plan.resume:  # the newest checkpoint that verifies and loads, said so when it is not the latest
+        ckpt, loaded, notes = load_newest_intact(run_dir, list(specs))
+        if ckpt is None:
+            raise CorruptStateError(f"--resume: no intact checkpoint in {run_dir} ({'; '.join(notes)}); "
+                                    f"delete the run folder to start again")
+        if notes:
+            logger.warning("%s; resuming from %s instead", "; ".join(notes), ckpt.name)
+    if main:  # training can start: only now is anything written
+        begin(run_dir, plan)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "config.json", {**cfg.to_dict(), "world_size": accelerator.num_processes,
+                                             "as_run": run_record(cfg, accelerator.num_processes, specs, data)})
 
     if ckpt is not None:
-        nets, state, extra, meta = load_checkpoint(ckpt)
+        nets, state, extra, meta = loaded
         # the EMA first: it goes through the student's parameters, which then get the student's own state
         ema.write(lambda: backbone.load_net_state(method.nets["student"], nets["student_ema"]))
         for name in specs:
@@ -328,6 +362,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
             load_full_optimizer_state(method.nets[name], optimizers[name], state["optimizers"][name])
             schedulers[name].load_state_dict(state["schedulers"][name])
         method.load_extra_state(extra)
+        if data is not None and "data" in state:
+            data.load_state_dict(state["data"])
         counts = dict(state["counts"])
         rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # one per process
         if len(rngs) == accelerator.num_processes:
@@ -338,7 +374,13 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
             torch.manual_seed(_mix(tc.seed, int(meta["step"]), accelerator.process_index))
         start = int(meta["step"])
         prev_minutes = float(meta.get("minutes", 0.0))
+        compute_state = state.get("compute")
+    # counted by the loop, whatever the method does: passes per network role, FLOPs, wall time
+    meter = ComputeMeter(run_roles(method, backbone), accelerator.num_processes, compute_state)
 
+    # one-off work (e.g. DMD's teacher pairs, stored in the run folder), on every process, also on resume
+    method.prepare(RunContext(run_dir, Processes(accelerator.process_index, accelerator.num_processes,
+                                                 accelerator.wait_for_everyone), progress and main))
     log = HealthLog(run_dir, main, start)
     last_good = str(ckpt) if ckpt else "none yet"
     t_start = time.time() - 60 * prev_minutes  # training minutes accumulate across resumes
@@ -350,12 +392,17 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
         nets["student_ema"] = ema.read(lambda: backbone.net_state_dict(method.nets["student"]))
         state = {"optimizers": {n: full_optimizer_state(method.nets[n], o) for n, o in optimizers.items()},
                  "schedulers": {n: s.state_dict() for n, s in schedulers.items()},
-                 "counts": counts, "rng": gather_object([_rng_state(accelerator.device)])}
+                 "counts": counts, "rng": gather_object([_rng_state(accelerator.device)]),
+                 "data": data.state_dict() if data is not None else {},  # the same on every process
+                 "compute": meter.state_dict()}
         path = None
         if main:
+            minutes = (time.time() - t_start) / 60
             path = save_checkpoint(run_dir, step, nets, state, method.extra_state(),
-                                   {"method": cfg.method, "arch": cfg.arch, "minutes": (time.time() - t_start) / 60},
+                                   {"method": cfg.method, "arch": cfg.arch, "minutes": minutes,
+                                    "compute": meter.totals(minutes)},
                                    keep=tc.keep_checkpoints)
+            write_json(run_dir / COMPUTE_FILE, {"step": step, **meter.totals(minutes)})
             last_good = str(path)
         accelerator.wait_for_everyone()
         return path
@@ -365,57 +412,85 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
     task = bar.add_task(f"train {cfg.method} on {cfg.arch}", total=tc.steps, completed=start, info="")
     final = None
     running: dict[str, list] = {}
+    budget_hit = None
     with bar:
         for step in range(start, tc.steps):
             if stop_after is not None and step - start >= stop_after:
                 log.close()
+                meter.close()
                 return Path(last_good)
-            batch_prompts = prompts(step, tc.batch_size)
-            batch = Batch(batch_prompts, backbone.encode_prompts(batch_prompts), shared_seed=_mix(tc.seed, step))
+            if tc.budget_tflops and meter.flops() >= tc.budget_tflops * 1e12:
+                budget_hit = step  # a resumed run that had already spent its budget
+                break
             expected = set(method.optimizers_for(step))
-            stepped: list[str] = []
             grad_norms: dict[str, float] = {}
+            with meter.iteration(step):  # every micro-batch, prompt encoding included (a text encoder is a role)
+                for micro in range(tc.grad_accum):  # micro-batches; each network steps after the last one
+                    batch_prompts = prompts(step, tc.batch_size, micro)
+                    batch = Batch(batch_prompts, backbone.encode_prompts(batch_prompts),
+                                  shared_seed=_mix(tc.seed, step, *([micro] if micro else [])))
+                    stepped: list[str] = []
+                    last = micro == tc.grad_accum - 1
 
-            def update(name: str, loss: torch.Tensor) -> None:
-                if name not in expected or name in stepped:
-                    raise RuntimeError(f"{cfg.method}: update({name!r}) at step {step}; optimizers_for says {sorted(expected)}")
-                if not torch.isfinite(loss):
-                    raise NonFiniteError(f"non-finite {name} loss ({loss.item()}) at iteration {step}; "
-                                         f"training stopped, last good checkpoint: {last_good}")
-                for ps in trainable.values():  # every network's gradients (= zero_grad(set_to_none=True))
-                    for p in ps:
-                        p.grad = None
-                accelerator.backward(loss)
-                params = trainable[name]
-                if tc.grad_clip > 0:
-                    gn = accelerator.clip_grad_norm_(params, tc.grad_clip)
-                else:
-                    gn = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-                if not torch.isfinite(torch.as_tensor(gn)):
-                    raise NonFiniteError(f"non-finite {name} gradient norm at iteration {step}; "
-                                         f"training stopped, last good checkpoint: {last_good}")
-                optimizers[name].step()
-                schedulers[name].step()
-                optimizers[name].zero_grad(set_to_none=True)
-                counts[name] += 1
-                grad_norms[f"grad_norm/{name}"] = float(gn)
-                stepped.append(name)
-                if name == "student":
-                    k = counts["student"] - 1
-                    ema.update(min((1 + k) / (10 + k), tc.ema_decay))
-                method.after_update(name)
+                    def update(name: str, loss: torch.Tensor) -> None:
+                        if name not in expected or name in stepped:
+                            raise RuntimeError(f"{cfg.method}: update({name!r}) at step {step}; optimizers_for says {sorted(expected)}")
+                        if not torch.isfinite(loss):
+                            raise NonFiniteError(f"non-finite {name} loss ({loss.item()}) at iteration {step}; "
+                                                 f"training stopped, last good checkpoint: {last_good}")
+                        params = trainable[name]
+                        # this loss's gradient goes to ``name`` only: other networks keep their accumulated
+                        # gradients, and what the loss leaks into them (e.g. DMD2's GAN generator loss through the
+                        # discriminator head) is dropped
+                        held = {n: [p.grad for p in ps] for n, ps in trainable.items() if n != name}
+                        for n in held:
+                            for p in trainable[n]:
+                                p.grad = None
+                        if micro == 0:
+                            for p in params:
+                                p.grad = None
+                        with meter.backward():
+                            accelerator.backward(loss / tc.grad_accum)
+                        for n, grads in held.items():
+                            for p, g in zip(trainable[n], grads):
+                                p.grad = g
+                        stepped.append(name)
+                        if not last:
+                            return
+                        if tc.grad_clip > 0:
+                            gn = accelerator.clip_grad_norm_(params, tc.grad_clip)
+                        else:
+                            gn = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+                        if not torch.isfinite(torch.as_tensor(gn)):
+                            raise NonFiniteError(f"non-finite {name} gradient norm at iteration {step}; "
+                                                 f"training stopped, last good checkpoint: {last_good}")
+                        optimizers[name].step()
+                        schedulers[name].step()
+                        optimizers[name].zero_grad(set_to_none=True)
+                        counts[name] += 1
+                        grad_norms[f"grad_norm/{name}"] = float(gn)
+                        if name == "student":
+                            # k = completed student updates (1 after the first): decay 0.182, 0.250, 0.308, …
+                            # (cdm.md §6; byliutao/cdm EMAModuleWrapper.step after student_step += 1)
+                            k = counts["student"]
+                            ema.update(min((1 + k) / (10 + k), tc.ema_decay))
+                        method.after_update(name)
 
-            with accelerator.autocast():
-                out = method.train_step(batch, step, update)
-            if set(stepped) != expected:
-                raise RuntimeError(f"{cfg.method}: stepped {sorted(stepped)} at iteration {step}, declared {sorted(expected)}")
-            missing = [k for k in out.losses if k not in method.loss_keys]
-            if missing:
-                raise RuntimeError(f"{cfg.method}: undeclared loss keys {missing}")
-            for k, v in [*((f"loss/{k}", v) for k, v in out.losses.items()),
-                         *((f"health/{k}", v) for k, v in out.logs.items()), *grad_norms.items()]:
-                acc = running.setdefault(k, [0.0, 0])  # means since the last log row: players that step
-                acc[0] += float(v)                     # on different iterations all show up
+                    with accelerator.autocast():
+                        out = method.train_step(batch, step, update)
+                    if set(stepped) != expected:
+                        raise RuntimeError(f"{cfg.method}: stepped {sorted(stepped)} at iteration {step}, declared {sorted(expected)}")
+                    missing = [k for k in out.losses if k not in method.loss_keys]
+                    if missing:
+                        raise RuntimeError(f"{cfg.method}: undeclared loss keys {missing}")
+                    for k, v in [*((f"loss/{k}", v) for k, v in out.losses.items()),
+                                 *((f"health/{k}", v) for k, v in out.logs.items())]:
+                        acc = running.setdefault(k, [0.0, 0])  # means since the last log row: players that step
+                        acc[0] += float(v)                     # on different iterations all show up
+                        acc[1] += 1
+            for k, v in grad_norms.items():
+                acc = running.setdefault(k, [0.0, 0])
+                acc[0] += v
                 acc[1] += 1
             if step % tc.log_every == 0 or step == tc.steps - 1:
                 values = {k: total / n for k, (total, n) in running.items()}
@@ -425,10 +500,20 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
                 log.write(step, values)
                 bar.update(task, info=" ".join(f"{k}={float(v):.3g}" for k, v in out.losses.items()))
             bar.update(task, completed=step + 1)
-            if (step + 1) % tc.checkpoint_every == 0 or step + 1 == tc.steps:
+            # the compute budget: stop after the first iteration that reaches it (overshoot < one iteration)
+            spent = bool(tc.budget_tflops) and meter.flops() >= tc.budget_tflops * 1e12
+            if (step + 1) % tc.checkpoint_every == 0 or step + 1 == tc.steps or spent:
                 final = save(step + 1)
+            if spent:
+                budget_hit = step + 1
+                break
     log.close()
+    meter.close()
     if main:
-        write_json(run_dir / "done.json", {"steps": tc.steps, "checkpoint": str(Path(last_good).name),
-                                           "train_minutes": round((time.time() - t_start) / 60, 3)})
+        minutes = (time.time() - t_start) / 60
+        done_step = tc.steps if budget_hit is None else budget_hit
+        write_json(run_dir / "done.json", {
+            "steps": done_step, "checkpoint": str(Path(last_good).name), "train_minutes": round(minutes, 3),
+            "stopped_by": "iterations" if budget_hit is None else f"budget_tflops={tc.budget_tflops}",
+            "compute": meter.totals(minutes)})
     return Path(last_good) if final is None else final

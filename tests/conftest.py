@@ -28,7 +28,7 @@ TINY_METHOD_SETTINGS = {
     "ddmd": {"warmup": "0"},
     "dmd2": {"warmup": "0", "update_ratio": "2"},
     "dmd": {"warmup": "0", "num_pairs": "4", "pair_steps": "2"},
-    "cd": {"warmup": "0", "num_samples": "4", "sample_steps": "2"},
+    "cd": {"warmup": "0"},
 }
 
 

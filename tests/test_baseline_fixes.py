@@ -34,3 +34,55 @@ def test_cdm_trajectory_eps_last_with_x0_next_uses_the_shared_index(toy, monkeyp
     m.cdm_loss(_rollout(N, 2, toy.latent_shape), idx, toy.encode_prompts(["a red circle", "a blue square"]))
     assert seen["base"][:, 0, 0, 0].tolist() == [1.0, 3.0]  # X0[idx+1], not X0[N] = 4
     torch.testing.assert_close(seen["sig_i"], torch.linspace(1, 0, N + 1)[[N - 1, N - 1]])  # student at N−1
+
+
+def test_student_ema_decay_counts_completed_student_updates(tmp_path, monkeypatch):
+    """decay_k = min((1+k)/(10+k), 0.999) with k = student updates so far, 1 after the first (cdm.md §6;
+    byliutao/cdm calls EMAModuleWrapper.step after ``student_step += 1``): 0.182, 0.250, 0.308."""
+    from cdmbench.train import StudentEMA, resolve_config, train
+    from conftest import tiny_overrides
+
+    decays = []
+    real = StudentEMA.update
+    monkeypatch.setattr(StudentEMA, "update", lambda self, d: (decays.append(d), real(self, d))[1])
+    train(resolve_config("cd", "toy", tiny_overrides("cd", steps=3)), tmp_path / "run", progress=False)
+    assert decays == pytest.approx([2 / 11, 3 / 12, 4 / 13])
+
+
+def test_gradient_accumulation_and_the_run_record(tmp_path, monkeypatch):
+    """grad_accum micro-batches per optimiser step; config.json records world size, global batch, lrs as used."""
+    from cdmbench.checkpoint import latest_checkpoint, load_checkpoint
+    from cdmbench.io import read_json
+    from cdmbench.train import resolve_config, train
+    from conftest import tiny_overrides
+
+    M = METHODS.get("dmd2")
+    calls = []
+    real = M.train_step
+    monkeypatch.setattr(M, "train_step", lambda self, b, s, u: (calls.append((s, tuple(b.prompts))), real(self, b, s, u))[1])
+    cfg = resolve_config("dmd2", "toy", {**tiny_overrides("dmd2", steps=2), "train.grad_accum": "3"})
+    train(cfg, tmp_path / "run", progress=False)
+    assert [s for s, _ in calls] == [0, 0, 0, 1, 1, 1]
+    assert len({p for _, p in calls}) == 6  # every micro-batch has its own prompts
+    _, state, _, _ = load_checkpoint(latest_checkpoint(tmp_path / "run"))
+    assert state["counts"] == {"student": 1, "fake_score": 2}  # update_ratio 2: one generator step in two
+    rec = read_json(tmp_path / "run" / "config.json")["as_run"]
+    assert rec["world_size"] == 1 and rec["batch_per_process"] == 2 and rec["grad_accum"] == 3
+    assert rec["global_batch"] == 6 and rec["grad_clip"] == cfg.train.grad_clip
+    assert rec["learning_rates"] == {"student": cfg.method_config.student_lr, "fake_score": cfg.method_config.fake_lr}
+    assert rec["data"]["kind"] == "procedural"
+
+
+def test_dmd_pairs_use_the_real_score_guidance_and_stay_out_of_checkpoints(tmp_path):
+    from cdmbench.checkpoint import latest_checkpoint
+    from cdmbench.io import read_json
+    from cdmbench.train import resolve_config, train
+    from conftest import tiny_overrides
+
+    cfg = resolve_config("dmd", "toy", tiny_overrides("dmd", steps=2))
+    assert cfg.method_config.pair_guidance is None
+    train(cfg, tmp_path / "run", progress=False)
+    rec = read_json(tmp_path / "run" / "pairs" / "pairs.json")
+    assert rec["guidance"] == cfg.method_config.real_guidance and rec["num_pairs"] == 4
+    ckpt = latest_checkpoint(tmp_path / "run")
+    assert not (ckpt / "method_state.safetensors").exists()

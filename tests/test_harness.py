@@ -237,5 +237,6 @@ def test_bench_keeps_finished_runs_and_reports_command_versions_and_times(worksp
     for package in ("cdmbench", "torch", "diffusers", "transformers"):
         assert package in text
     assert "cdm 0.0 (kept; not the default budget)" in text and "eval minutes" in text
+    assert "global batch (processes × batch × accumulation)" in text and "(1 × 2 × 1), lr student" in text
     df = read_results(workspace / "eval" / "bench-toy" / "results.csv")
     assert set(df.run) == {"teacher-toy", "cdm-toy", "dmd-toy"}

@@ -7,7 +7,8 @@ import torch
 
 from cdmbench.errors import CdmbenchError
 from cdmbench.methods import METHODS
-from cdmbench.methods.base import Batch
+from cdmbench.methods.base import Batch, RunContext
+from cdmbench.pairs import Processes
 from cdmbench.seeding import StackedGenerator
 from cdmbench.train import resolve_config, train
 from conftest import tiny_overrides
@@ -37,9 +38,10 @@ def test_one_training_run_changes_only_the_student(name, toy, tmp_path):
 
 
 @pytest.mark.parametrize("name", METHODS.names())
-def test_train_step_declares_its_updates_and_leaves_the_teacher_without_gradients(name, toy):
+def test_train_step_declares_its_updates_and_leaves_the_teacher_without_gradients(name, toy, tmp_path):
     cfg = resolve_config(name, "toy", tiny_overrides(name))
-    method = METHODS.get(name)(toy, cfg.method_config)
+    method = METHODS.get(name)(toy, cfg.method_config, data_source=toy.data_source(seed=0))
+    method.prepare(RunContext(tmp_path, Processes()))
     prompts = toy.train_prompts(2, torch.Generator().manual_seed(0))
     batch = Batch(prompts, toy.encode_prompts(prompts), shared_seed=1)
     for step in range(2):
@@ -129,7 +131,7 @@ def test_every_cdm_option_runs(mode, toy):
 
 def test_dmd2_gan_head_trains_discriminator_and_generator(toy):
     base = resolve_config("dmd2", "toy", tiny_overrides("dmd2")).method_config
-    method = METHODS.get("dmd2")(toy, dataclasses.replace(base, gan_weight=5e-3))
+    method = METHODS.get("dmd2")(toy, dataclasses.replace(base, gan_weight=5e-3), data_source=toy.data_source(seed=0))
     prompts = toy.train_prompts(2, torch.Generator().manual_seed(0))
     batch = Batch(prompts, toy.encode_prompts(prompts), shared_seed=2)
     head = method.nets["fake_score"].head

@@ -228,11 +228,20 @@ def test_build_report_writes_every_file(results, tmp_path):
     report = build_report(results, out, images_root=root, title="Toy sweep", header={"commit": "abc123", "machine": "cpu"})
     assert report == out / "report.md"
     text = report.read_text()
-    assert text.startswith("# Toy sweep\n\n|  |  |\n|:--|:--|\n| **commit** | abc123 |")
-    for part in (GOLDEN_SUMMARY, GOLDEN_FID, GOLDEN_CLIP, GOLDEN_IMAGEREWARD, "![samples](grid.png)"):
+    assert text.startswith("# Toy sweep\n\n|  |  |\n|:--|:--|\n| **command** |")
+    assert "| **commit** | abc123 |" in text and "| **n (eval items per cell)** | 64 |" in text
+    # the report hides a metric that applies nowhere on the arch and lists empty-cell reasons once
+    summary = "\n".join(line[:-4] if line.startswith("|:") else line.rsplit(" |", 2)[0] + " |"
+                        for line in GOLDEN_SUMMARY.splitlines())
+    fid = GOLDEN_FID.replace("\n\n- skipped: dmd2 supports steps 1, 2", "")
+    for part in (summary, fid, GOLDEN_CLIP, "Empty cells:\n\n- skipped: dmd2 supports steps 1, 2",
+                 "![samples](grid.png)"):
         assert part in text
+    assert "imagereward" not in text and text.count("dmd2 supports steps 1, 2") == 1
     assert sorted(p.name for p in (out / "plots").iterdir()) == ["toy_clip.png", "toy_fid.png"]
-    assert sorted(p.name for p in (out / "tables").iterdir()) == ["summary_toy.csv", "toy_clip.csv", "toy_fid.csv", "toy_imagereward.csv"]
+    assert sorted(p.name for p in (out / "tables").iterdir()) == [
+        "cells.csv", "curves.csv", "pairs.csv", "ranks.csv", "summary_toy.csv", "toy_clip.csv", "toy_fid.csv"]
+    assert (out / "results.csv").read_bytes() == results.read_bytes()
     for png in [out / "grid.png", *(out / "plots").iterdir()]:
         with Image.open(png) as im:
             assert im.format == "PNG" and im.size[0] > 100

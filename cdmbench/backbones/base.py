@@ -174,10 +174,6 @@ class Backbone(ABC):
         """Training prompts for data-free distillation (the toy draws captions from its grammar)."""
         raise CdmbenchError(f"backbone {self.name!r} needs a training prompt file: --set train.prompts=PATH (one prompt per line)")
 
-    def real_batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
-        """Real training latents with captions (only for methods that need real data, e.g. DMD2's GAN)."""
-        raise CdmbenchError(f"backbone {self.name!r} has no real training data; this method setting needs it")
-
     # -- real training data (cdmbench.data) ------------------------------------------------------
     @property
     def image_resolution(self) -> int:

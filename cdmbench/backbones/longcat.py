@@ -10,7 +10,6 @@ and CFG renormalisation (pipeline defaults) are never used: the text processor i
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,31 +20,6 @@ from cdmbench.backbones import BACKBONES
 from cdmbench.backbones.base import BackboneOptions, Cond
 from cdmbench.backbones.diffusers import DiffusersBackbone, eval_modules, tiny_byte_chars
 from cdmbench.errors import CdmbenchError
-
-
-def _swap_timestep(module, args):
-    t = getattr(module, "_cdmbench_timestep", None)
-    return None if t is None else (t, *args[1:])
-
-
-@contextmanager
-def _fp32_timestep(net: nn.Module, sigma: torch.Tensor):
-    """Feed the time embedding 1000·σ in fp32 whatever the network dtype.
-
-    ``LongCatImageTransformer2DModel.forward`` casts its timestep to the hidden-state dtype before the
-    embedding (so does the stock pipeline's ``t.to(latents.dtype)``): in bf16 σ would be rounded to steps of
-    2⁻⁸ (1000·σ to steps of ~4 near σ = 1). A forward pre-hook on ``time_embed`` swaps the rounded value for
-    the fp32 one for the duration of this call; the sinusoids are computed in fp32 and cast after, as in SD3.
-    """
-    te = getattr(net, "module", net).time_embed
-    if not getattr(te, "_cdmbench_fp32_timestep", False):  # once per module (deep copies keep the hook)
-        te.register_forward_pre_hook(_swap_timestep)
-        te._cdmbench_fp32_timestep = True
-    te._cdmbench_timestep = 1000 * sigma.float()
-    try:
-        yield
-    finally:
-        te._cdmbench_timestep = None
 
 
 @BACKBONES.register("longcat")
@@ -68,6 +42,7 @@ class LongCatBackbone(DiffusersBackbone):
             self.pipe.tokenizer_max_length = options.max_sequence_length  # default 512
         side = self.resolution // (2 * self.pipe.vae_scale_factor)  # packed tokens per image side
         start = self.pipe.tokenizer_max_length  # image ids start after the text positions
+        self._feed_fp32_timesteps()
         self.img_ids = prepare_pos_ids(modality_id=1, type="image", start=(start, start), height=side,
                                        width=side).to(self.device, torch.int64)
 
@@ -96,12 +71,31 @@ class LongCatBackbone(DiffusersBackbone):
 
     def velocity(self, net: nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
         dtype = next(net.parameters()).dtype
-        with _fp32_timestep(net, sigma):
+        self._fp32_timestep = 1000 * sigma.float()  # what the time embedding gets (see _feed_fp32_timesteps)
+        try:
             return net(
                 hidden_states=x.to(dtype), timestep=sigma.to(dtype), guidance=None,
                 encoder_hidden_states=cond.batched["embeds"].to(dtype),
                 txt_ids=cond.shared["txt_ids"], img_ids=cond.shared["img_ids"], return_dict=False,
             )[0]
+        finally:
+            self._fp32_timestep = None
+
+    def _feed_fp32_timesteps(self) -> None:
+        """Give the time embedding 1000·σ in fp32 whatever the network dtype.
+
+        ``LongCatImageTransformer2DModel.forward`` casts its timestep to the hidden-state dtype before the
+        embedding (so does the stock pipeline's ``t.to(latents.dtype)``): in bf16 σ would be rounded to steps
+        of 2⁻⁸ (1000·σ to steps of ~4 near σ = 1). A forward pre-hook on the teacher's ``time_embed`` swaps
+        the rounded value for the fp32 one that ``velocity`` holds during its call; every network is a copy
+        of the teacher, and copies keep the hook. The sinusoids are computed in fp32 and cast after, as in SD3.
+        """
+        self._fp32_timestep = None
+
+        def swap(module, args):
+            return None if self._fp32_timestep is None else (self._fp32_timestep, *args[1:])
+
+        self.pipe.transformer.time_embed.register_forward_pre_hook(swap)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         unpacked = self.pipe._unpack_latents(latents, self.resolution, self.resolution, self.pipe.vae_scale_factor)

@@ -21,6 +21,7 @@ import fcntl
 import hashlib
 import io
 import json
+import logging
 import os
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,11 +30,13 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from cdmbench.errors import CdmbenchError
+from cdmbench.errors import CdmbenchError, CorruptStateError
 from cdmbench.eval.sources import Plan, Sampler
-from cdmbench.io import atomic_path
+from cdmbench.io import atomic_path, locked
 from cdmbench.seeding import StackedGenerator
 from cdmbench.types import Prompt
+
+logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.jsonl"
 IMAGES = "images"
@@ -45,6 +48,22 @@ OnImage = Callable[[dict], None]  # called with each new manifest record, after 
 def image_relpath(run: str, steps: int, prompt_id: str, seed: int) -> str:
     """Where an image lives, relative to the eval folder."""
     return f"{IMAGES}/{run}/{steps}/{prompt_id}_s{seed}.png"
+
+
+def process_share(device: str):
+    """(process_index, num_processes, wait_for_everyone, device): accelerate's PartialState under a
+    multi-process launch (each process on its own accelerator), else one process (accelerate not imported)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, lambda: None, device
+    from accelerate import PartialState
+
+    cpu = torch.device(device).type == "cpu"
+    state = PartialState(cpu=cpu)  # without cpu=True accelerate ignores a CPU multi-process launch
+    if state.num_processes != world:
+        raise CdmbenchError(f"WORLD_SIZE={world} but accelerate sees {state.num_processes} process(es); "
+                            f"launch with `accelerate launch` or `torchrun`")
+    return state.process_index, state.num_processes, state.wait_for_everyone, device if cpu else str(state.device)
 
 
 def shard(items: Sequence, process_index: int, num_processes: int) -> list:
@@ -65,40 +84,68 @@ class Manifest:
         self.path = Path(path)
 
     def read(self) -> dict[str, dict]:
-        """Image path → its last record. A torn final line (a kill during a write) is ignored."""
+        """Image path → its last record.
+
+        A line that is not a JSON record with a ``path`` (torn by a kill, or damaged) is skipped with one
+        warning: its image counts as missing and is generated again. A torn *final* line is an append in
+        progress (or cut short) and is skipped silently.
+        """
         if not self.path.is_file():
             return {}
-        text = self.path.read_text()
+        try:
+            text = self.path.read_bytes().decode("utf-8", errors="replace")
+        except OSError as e:
+            raise CorruptStateError(f"cannot read image manifest {self.path} ({e})") from None
         lines = text.split("\n")
         out: dict[str, dict] = {}
+        bad: list[int] = []
         for i, line in enumerate(lines):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError as e:
-                if i == len(lines) - 1:  # no trailing newline: the write was cut short
-                    continue
-                raise CdmbenchError(f"image manifest {self.path} line {i + 1} is not valid JSON ({e.msg}); "
-                                    f"delete the eval folder's manifest and images to regenerate") from e
+                if not isinstance(record, dict) or not isinstance(record.get("path"), str):
+                    raise ValueError("not a record")
+            except ValueError:
+                if i < len(lines) - 1:  # the final line without a newline is a write in progress
+                    bad.append(i + 1)
+                continue
             out[record["path"]] = record
+        if bad:
+            logger.warning("image manifest %s: ignoring %d unreadable line(s) (line %s); their images are "
+                           "generated again", self.path, len(bad), ", ".join(map(str, bad[:5])))
         return out
 
     def append(self, record: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        line = json.dumps(record, sort_keys=True) + "\n"
-        with open(self.path, "a") as f:
+        line = (json.dumps(record, sort_keys=True) + "\n").encode()
+        with open(self.path, "ab") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
-                if f.tell() > 0:  # a torn line from a killed writer must not swallow this one
-                    with open(self.path, "rb") as r:
-                        r.seek(-1, os.SEEK_END)
-                        if r.read(1) != b"\n":
-                            f.write("\n")
+                _drop_torn_tail(self.path, f)
                 f.write(line)
                 f.flush()
+                os.fsync(f.fileno())
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _drop_torn_tail(path: Path, f) -> None:
+    """Under the append lock: cut a final line that a killed writer left without its newline (repair)."""
+    size = os.fstat(f.fileno()).st_size
+    if size == 0:
+        return
+    with open(path, "rb") as r:
+        r.seek(max(0, size - (1 << 20)))
+        tail = r.read()
+    if tail.endswith(b"\n"):
+        return
+    cut = tail.rfind(b"\n")
+    keep = size - len(tail) + cut + 1 if cut >= 0 else (0 if size <= (1 << 20) else size)
+    if keep != size:
+        logger.warning("image manifest %s: dropping a line torn by an interrupted write", path)
+        os.truncate(path, keep)
+        f.seek(0, os.SEEK_END)
 
 
 def is_cached(record: dict | None, plan: Plan, prompt: Prompt, out: Path) -> bool:
@@ -224,30 +271,32 @@ def generate_source(
     items: Sequence[tuple[Prompt, int]],
     out: Path,
     manifest: Manifest,
-    records: dict[str, dict],
     *,
     batch_size: int,
     process_index: int = 0,
     on_image: OnImage | None = None,
     progress=None,
+    lock_name: str = "",
 ) -> int:
     """Generate the missing ``items`` of every runnable plan of one source; returns how many were written.
 
     Args:
-        records: the manifest as read before this phase (image path → record), for the cache check.
         progress: a ``rich.progress.Progress`` to add one task per plan to, or None.
+        lock_name: this share's name (e.g. "0of2"): each plan is planned and claimed under a lock file
+            ``OUT/cache/locks/<run>@<steps>-<lock_name>``, so a second eval of the share waits, then finds the images.
     """
     written = 0
     for plan in plans:
         if plan.skipped:
             continue
-        todo = missing_items(plan, items, records, out)
-        if not todo:
-            continue
-        advance = None
-        if progress is not None:
-            task = progress.add_task(f"generate {plan.run} @ {plan.steps} steps", total=len(todo))
-            advance = lambda k, t=task: progress.advance(t, k)  # noqa: E731
-        written += generate_images(sampler, plan, backbone, todo, out, manifest, batch_size=batch_size,
-                                   process_index=process_index, on_image=on_image, advance=advance)
+        with locked(out / "cache" / "locks" / f"{plan.run}@{plan.steps}-{lock_name}"):
+            todo = missing_items(plan, items, manifest.read(), out)
+            if not todo:
+                continue
+            advance = None
+            if progress is not None:
+                task = progress.add_task(f"generate {plan.run} @ {plan.steps} steps", total=len(todo))
+                advance = lambda k, t=task: progress.advance(t, k)  # noqa: E731
+            written += generate_images(sampler, plan, backbone, todo, out, manifest, batch_size=batch_size,
+                                       process_index=process_index, on_image=on_image, advance=advance)
     return written

@@ -1,35 +1,31 @@
 """The eval harness: every trained run (and the teacher) × step count → images → one tidy row per metric.
 
-Two phases with caches (style.md principle 8; baselines.md §D.2), both resumable after a kill; this file
-resolves the config and runs them, one backbone alive at a time:
-
-1. ``generate``: PNGs plus ``manifest.jsonl`` (``cdmbench.eval.generate``), shardable by (prompt, seed)
-   index across processes; the row sources and their samplers are ``cdmbench.eval.sources``.
-2. ``score``: reads the images back and appends one row per metric to ``results.csv``
-   (``cdmbench.eval.scoring``, ``cdmbench.eval.results``), with cached scores.
-
-Row sources: a trained run (its student's EMA weights at the latest checkpoint, through
-``Method.sample``), and the teacher at its own step counts with CFG (``backbone.default_guidance``; NFE
-counts a CFG step as two). A step count a method cannot sample gives a "skipped: <reason>" row, a metric
+Two resumable phases with caches (style.md principle 8; baselines.md §D.2); this file resolves the config
+and runs them, one backbone alive at a time: ``generate`` writes PNGs plus ``manifest.jsonl``
+(``cdmbench.eval.generate``), shardable by (prompt, seed) index across processes, from the row sources of
+``cdmbench.eval.sources`` (trained runs through ``Method.sample``, the teacher at its own step counts with
+CFG, external pipelines); ``score`` reads them back and appends one row per metric to ``results.csv``
+(``cdmbench.eval.scoring``). A step count a method cannot sample gives a "skipped: <reason>" row, a metric
 that does not apply to the backbone a "not_applicable: <reason>" row.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import torch
-
 from cdmbench.backbones.base import BackboneOptions
 from cdmbench.errors import CdmbenchError, UnknownNameError
-from cdmbench.eval.generate import MANIFEST, Manifest, OnImage, generate_source, shard
+from cdmbench.eval.generate import MANIFEST, Manifest, OnImage, generate_source, process_share, shard
 from cdmbench.eval.scoring import RESULTS, Scorer
 from cdmbench.eval.sources import FileHashes, Plan, resolve_sources
+from cdmbench.io import write_json
+from cdmbench.paths import MAX_BATCH, MAX_INT, MAX_PROMPTS, MAX_SEEDS, MAX_STEPS, check_count, check_device, check_name
 from cdmbench.types import Prompt
+
+CHECKPOINT_MODES = ("latest", "all")
 
 
 @dataclass(frozen=True)
@@ -54,6 +50,8 @@ class EvalConfig:
             sampled like the teacher at ``steps`` with their own CFG (default 1.0: no guidance).
         device: torch device for generation and scoring.
         progress: show progress bars and notes.
+        checkpoints: "latest" (each run's latest checkpoint) or "all" (every kept checkpoint, EMA weights: a
+            learning curve; rows carry the checkpoint's iteration and cumulative compute).
     """
 
     workspace: str = "workspace"
@@ -71,8 +69,11 @@ class EvalConfig:
     external: tuple[str, ...] = ()
     device: str = "cpu"
     progress: bool = True
+    checkpoints: str = "latest"
 
     def __post_init__(self):
+        if self.checkpoints not in CHECKPOINT_MODES:
+            raise CdmbenchError(f"checkpoints: expected one of {', '.join(CHECKPOINT_MODES)}, got {self.checkpoints!r}")
         _check_ints("steps", self.steps, minimum=1)
         if self.teacher_steps is not None:
             _check_ints("teacher_steps", self.teacher_steps, minimum=1)
@@ -105,10 +106,16 @@ class EvalConfig:
             name, sep, target = str(e).partition("=")
             if not sep or not name.strip() or not target.strip():
                 raise CdmbenchError(f"external: expected NAME=PATH_OR_ID, got {e!r}")
-        try:
-            torch.device(self.device)
-        except (RuntimeError, TypeError) as e:
-            raise CdmbenchError(f"device: {self.device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from e
+            check_name(name.strip(), "external NAME")  # it becomes a folder under images/
+        for r in self.runs or ():
+            check_name(r, "runs")
+        check_count(self.num_prompts, "num_prompts", maximum=MAX_PROMPTS)
+        check_count(self.batch_size, "batch_size", maximum=MAX_BATCH)
+        if max(self.steps) > MAX_STEPS or max(self.teacher_steps or (1,)) > MAX_STEPS:
+            raise CdmbenchError(f"steps: at most {MAX_STEPS} sampler steps")
+        if len(self.seeds) > MAX_SEEDS or max(self.seeds) > MAX_INT:
+            raise CdmbenchError(f"seeds: at most {MAX_SEEDS} seeds, each <= {MAX_INT}")
+        check_device(self.device, "device")
 
     @property
     def out_dir(self) -> Path:
@@ -143,6 +150,10 @@ class _Eval:
         self.cfg, self.out = cfg, cfg.out_dir
         self._console = None
         self.sources: list = resolve_sources(cfg, self.note)
+        if (self.out / RESULTS).is_file():  # a damaged results file is one line before anything is generated
+            from cdmbench.eval.results import read_results
+
+            read_results(self.out / RESULTS)
         self.prompts = {arch: self._prompts(arch) for arch in dict.fromkeys(s.arch for s in self.sources)}
         self.hashes = FileHashes(self.out / "cache" / "file_hashes.json")
         self.manifest = Manifest(self.out / MANIFEST)
@@ -234,14 +245,13 @@ def generate(cfg: EvalConfig, *, process_index: int = 0, num_processes: int = 1,
 
 def _generate(ev: _Eval, process_index: int, num_processes: int, on_image: OnImage | None) -> int:
     shard([], process_index, num_processes)  # validate the split
-    records = ev.manifest.read()
     written = 0
     with _progress(ev.cfg.progress) as bar:
         for source, backbone, sampler, plans in ev.walk(with_sampler=True):
             mine = shard(ev.items(source.arch), process_index, num_processes)
-            written += generate_source(sampler, plans, backbone, mine, ev.out, ev.manifest, records,
+            written += generate_source(sampler, plans, backbone, mine, ev.out, ev.manifest,
                                        batch_size=ev.cfg.batch_size, process_index=process_index,
-                                       on_image=on_image, progress=bar)
+                                       on_image=on_image, progress=bar, lock_name=f"{process_index}of{num_processes}")
             del sampler  # free the student before the next source builds its own
     return written
 
@@ -274,25 +284,14 @@ def run_eval(cfg: EvalConfig, *, on_image: OnImage | None = None) -> Path:
     Returns the results file (``OUT/results.csv``). Under a multi-process launch the other processes
     return once every share is generated, without waiting for the scores (no collective runs after that).
     """
-    index, count, barrier, device = _process_group(cfg.device)
+    index, count, barrier, device = process_share(cfg.device)
     ev = _Eval(dataclasses.replace(cfg, device=device))
     _generate(ev, index, count, on_image)
     ev.release()
     barrier()
-    return _score(ev) if index == 0 else ev.out / RESULTS
-
-
-def _process_group(device: str):
-    """(process_index, num_processes, wait_for_everyone, device): accelerate's PartialState under a
-    multi-process launch (each process on its own accelerator), else one process (accelerate not imported)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, lambda: None, device
-    from accelerate import PartialState
-
-    cpu = torch.device(device).type == "cpu"
-    state = PartialState(cpu=cpu)  # without cpu=True accelerate ignores a CPU multi-process launch
-    if state.num_processes != world:
-        raise CdmbenchError(f"WORLD_SIZE={world} but accelerate sees {state.num_processes} process(es); "
-                            f"launch with `accelerate launch` or `torchrun`")
-    return state.process_index, state.num_processes, state.wait_for_everyone, device if cpu else str(state.device)
+    if index != 0:
+        return ev.out / RESULTS
+    # the protocol a report's header names (prompt set, seeds); rewritten by every eval into this folder
+    write_json(ev.out / "eval_config.json", {**dataclasses.asdict(ev.cfg), "num_prompts_used": {
+        arch: len(p) for arch, p in ev.prompts.items()}})
+    return _score(ev)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from cdmbench.errors import CdmbenchError
 from cdmbench.eval.generate import image_relpath, is_cached, read_pngs
+from cdmbench.eval.items import has_items, save_items
 from cdmbench.eval.sources import TEACHER, Plan, TeacherSource
 from cdmbench.io import read_json, write_json
 from cdmbench.types import Prompt
@@ -66,8 +67,8 @@ class Scorer:
 
         frame = normalize(pd.DataFrame(rows, columns=list(RESULT_COLUMNS)))
         new = [r for r in frame.to_dict("records") if row_key(r) not in self._have]
-        if new:
-            append_rows(self.results, new)
+        if new:  # keyed: rows another eval appended meanwhile are not written twice
+            append_rows(self.results, new, key=row_key)
             self._have.update(row_key(r) for r in new)
 
     def score(self, plan: Plan, items: list[tuple[Prompt, int]], records: dict) -> list[dict]:
@@ -104,8 +105,8 @@ class Scorer:
                 continue
             key = score_key(plan, n, image_set + (teacher_set if needs_teacher else ""), self.options)
             cached = out / "cache" / "scores" / f"{key}.json"
-            if cached.is_file():
-                rows[n] = row(plan, n, cls.higher_is_better, status="ok", **read_json(cached))
+            if cached.is_file() and (has_items(out, plan.run, plan.steps, n) or not _keeps_items(cls)):
+                rows[n] = row(plan, n, cls.higher_is_better, status="ok", **_read_score(cached))
             else:
                 todo.append((n, cls, cached))
         if todo:
@@ -125,12 +126,29 @@ class Scorer:
                 except MetricSkipped as e:  # e.g. one seed per prompt for a diversity metric: a row, not a crash
                     rows[n] = row(plan, n, cls.higher_is_better, status=f"skipped: {e}", timestamp=now)
                     continue
+                save_items(out, plan.run, plan.steps, m, result, [(p.id, s) for p, s in items], plan.checkpoint)
                 ci_low, ci_high = result.interval()
                 entry = {"value": float(result.value), "ci_low": ci_low, "ci_high": ci_high, "n": int(result.n),
                          "protocol": m.protocol, "timestamp": now}
                 write_json(path, entry)  # atomic: a kill leaves no half entry
                 rows[n] = row(plan, n, cls.higher_is_better, status="ok", **entry)
         return [rows[n] for n in names]
+
+
+def _keeps_items(cls) -> bool:
+    """Whether scoring keeps per-item data for this metric class (``cdmbench.eval.items``)."""
+    return bool(getattr(cls, "per_image", False)) or hasattr(cls, "item_features")
+
+
+def _read_score(path: Path) -> dict:
+    """A cached score entry; a damaged one is one line naming the file (delete it to recompute)."""
+    from cdmbench.errors import CorruptStateError
+
+    entry = read_json(path, what="score cache entry", fix="delete it to compute the score again")
+    keys = {"value", "ci_low", "ci_high", "n", "protocol", "timestamp"}
+    if not isinstance(entry, dict) or set(entry) != keys:
+        raise CorruptStateError(f"score cache entry {path} is incomplete; delete it to compute the score again")
+    return entry
 
 
 def teacher_reference(sources: list, plan: Plan, items, records: dict) -> tuple[list | None, str]:
@@ -160,8 +178,12 @@ def evaluators_for(arch: str):
 
 def row(plan: Plan, metric: str, higher_is_better: bool, *, status: str, timestamp: str, value: float = math.nan,
          ci_low: float = math.nan, ci_high: float = math.nan, n: int = 0, protocol: str = "") -> dict:
+    from cdmbench.eval.results import TRAIN_COLUMNS
+
+    train = dict(plan.train)
     return {
-        "run": plan.run, "method": plan.method, "arch": plan.arch, "steps": plan.steps, "metric": metric,
+        **{c: train.get(c) for c in TRAIN_COLUMNS},
+        "run": plan.row_run or plan.run, "method": plan.method, "arch": plan.arch, "steps": plan.steps, "metric": metric,
         "value": value, "ci_low": ci_low, "ci_high": ci_high, "n": n, "higher_is_better": higher_is_better,
         "protocol": protocol, "nfe": plan.nfe,
         "sigmas_nominal": json.dumps([round(s, 6) for s in plan.sigmas_nominal]),

@@ -44,6 +44,8 @@ class Plan:
     guidance: float = 1.0  # CFG scale, standard form (1 = none)
     nfe: int | None = None  # network evaluations per sample; a CFG step counts twice
     skipped: str = ""  # reason the source cannot sample at ``steps``; "" when it runs
+    row_run: str = ""  # the run name in result rows when ``run`` is an older checkpoint's image folder; "" = run
+    train: tuple[tuple[str, object], ...] = ()  # the weights' training record (``TRAIN_COLUMNS`` of a results row)
 
 
 class Sampler(Protocol):
@@ -57,7 +59,8 @@ class Sampler(Protocol):
 
 @dataclass(frozen=True)
 class RunSource:
-    """A trained run folder, evaluated with its student's EMA weights at the latest checkpoint."""
+    """A trained run folder, evaluated with its student's EMA weights at one checkpoint (the latest, or an
+    older one under ``checkpoints="all"``: then ``name`` is ``RUN@STEP``, the folder of its images)."""
 
     name: str
     method: str
@@ -67,12 +70,13 @@ class RunSource:
     finished: bool
     steps: tuple[int, ...]
     options: BackboneOptions
+    run: str = ""  # the run's name in result rows; "" = name
 
     @property
     def config(self):
-        from cdmbench.train import RunConfig
+        from cdmbench.resume import read_run_config
 
-        return RunConfig.from_dict(read_json(self.run_dir / "config.json"))
+        return read_run_config(self.run_dir)
 
     def sampler(self, backbone, hashes: "FileHashes") -> "StudentSampler":
         return StudentSampler(self, backbone, hashes)
@@ -108,16 +112,17 @@ class StudentSampler:
             raise CdmbenchError(f"run {source.name!r}: checkpoint {source.checkpoint_dir} has no student_ema.safetensors")
         self.hash = hashes.sha256(self.weights)
         label = f"{source.checkpoint_dir.name} sha256:{self.hash[:12]}"
-        if not source.finished:
-            step = read_json(source.checkpoint_dir / "meta.json").get("step")
-            label += f" (unfinished run: latest checkpoint, iteration {step} of {cfg.train.steps})"
+        meta = read_json(source.checkpoint_dir / "meta.json", what="checkpoint meta")
+        if not source.finished and not source.run:
+            label += f" (unfinished run: latest checkpoint, iteration {meta.get('step')} of {cfg.train.steps})"
         self.label = label
+        self.train = train_record(cfg, meta, read_json(source.run_dir / "config.json").get("world_size", 1))
         self.loaded = False
 
     def plan(self, steps: int) -> Plan:
         s = self.source
         base = dict(run=s.name, method=self.method.name, arch=self.backbone.name, steps=steps,
-                    checkpoint=self.hash, checkpoint_label=self.label)
+                    checkpoint=self.hash, checkpoint_label=self.label, row_run=s.run, train=self.train)
         try:
             schedule = self.method.schedule(steps)  # check_steps inside: supported_steps as ClassVar or property
         except CdmbenchError as e:
@@ -130,9 +135,20 @@ class StudentSampler:
             from cdmbench.io import load_safetensors
 
             # strict, through the backbone: a full state dict, or LoRA adapters for a LoRA run
-            self.method.nets["student"] = self.backbone.load_net(load_safetensors(self.weights))
+            self.method.nets["student"] = self.backbone.load_net(load_safetensors(
+                self.weights, fix="resume the run's training (it falls back to an intact checkpoint) or retrain"))
             self.loaded = True
         return self.method.sample(noise, cond, steps, rng)
+
+
+def train_record(cfg, meta: dict, world_size: int) -> tuple[tuple[str, object], ...]:
+    """The ``TRAIN_COLUMNS`` of a checkpoint: training seed, iteration, compute so far, global batch."""
+    compute = meta.get("compute") or {}
+    teacher = (compute.get("passes") or {}).get("teacher") or {}
+    return (("train_seed", cfg.train.seed), ("train_step", meta.get("step")),
+            ("train_tflops", compute.get("train_tflops")), ("train_teacher_fwd", teacher.get("fwd_samples")),
+            ("train_minutes", meta.get("minutes")),
+            ("global_batch", cfg.train.batch_size * int(world_size) * int(getattr(cfg.train, "grad_accum", 1))))
 
 
 class TeacherSampler:
@@ -181,7 +197,10 @@ class FileHashes:
 
     def __init__(self, path: Path):
         self.path = path
-        self.table: dict = read_json(path) if path.is_file() else {}
+        try:
+            self.table: dict = read_json(path) if path.is_file() else {}
+        except CdmbenchError:  # a cache: a damaged one is rebuilt
+            self.table = {}
 
     def sha256(self, file: Path) -> str:
         st = file.stat()
@@ -236,16 +255,25 @@ def resolve_sources(cfg, note: Callable[[str], None] = lambda text: None) -> lis
                 note(f"skipping run {d.parent.name}: no checkpoint yet")
     runs: list[RunSource] = []
     for n in names:
-        from cdmbench.train import RunConfig
+        from cdmbench.resume import read_run_config
 
         d = available[n]
-        saved = RunConfig.from_dict(read_json(d / "config.json"))
+        saved = read_run_config(d)
         # gradient checkpointing only matters for training; without it runs share the teacher's backbone
         opts = dataclasses.replace(saved.backbone, device=cfg.device, gradient_checkpointing=False)
         finished = (d / "done.json").is_file()
         if not finished:
             note(f"run {n} is unfinished: evaluating its latest checkpoint {latest_checkpoint(d).name}")
-        runs.append(RunSource(n, saved.method, saved.arch, d, latest_checkpoint(d), finished, cfg.steps, opts))
+        latest = latest_checkpoint(d)
+        runs.append(RunSource(n, saved.method, saved.arch, d, latest, finished, cfg.steps, opts))
+        if cfg.checkpoints == "all":
+            from cdmbench.checkpoint import CKPT_DIR
+
+            for c in sorted((d / CKPT_DIR).glob("step_*")):
+                if c.is_dir() and not c.name.endswith(".tmp") and c.name != latest.name:
+                    step = int(read_json(c / "meta.json")["step"])
+                    runs.append(RunSource(f"{n}@{step}", saved.method, saved.arch, d, c, finished, cfg.steps,
+                                          opts, run=n))
     teachers: list[TeacherSource] = []
     if cfg.teacher:
         archs = list(dict.fromkeys([r.arch for r in runs] + ([cfg.arch] if cfg.arch else [])))
@@ -282,4 +310,22 @@ def resolve_sources(cfg, note: Callable[[str], None] = lambda text: None) -> lis
             f"nothing to evaluate: no trained runs in {Path(cfg.workspace) / 'runs'}; train one with "
             f"`cdmbench train METHOD`, or pass --arch to evaluate the teacher alone"
         )
+    check_sources(externals, runs)
     return sources
+
+
+def check_sources(externals: list, runs: list) -> None:
+    """Before anything is generated: every run's checkpoint verifies (headers, recorded sizes) and every
+    external path exists (corruption is one line, not half an eval)."""
+    from cdmbench.checkpoint import verify_checkpoint
+    from cdmbench.errors import CorruptStateError
+
+    for r in runs:
+        bad = verify_checkpoint(r.checkpoint_dir)
+        if bad:
+            raise CorruptStateError(f"run {r.name!r}: its latest checkpoint cannot be used: {bad}; resume its "
+                                    f"training (`cdmbench train ... --resume` falls back to an intact checkpoint)")
+    for e in externals:
+        m = str(e.options.model)
+        if (m.startswith((".", "/", "~")) or m.count("/") > 1) and not Path(m).expanduser().exists():
+            raise CdmbenchError(f"external {e.name!r}: {m} does not exist (a local pipeline folder, or a hub id)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -62,6 +63,16 @@ class StepOutput:
 Update = Callable[[str, torch.Tensor], None]
 
 
+@dataclass
+class RunContext:
+    """What ``Method.prepare`` may use: the run folder, the processes (``cdmbench.pairs.Processes``: rank,
+    count, barrier) and whether to show progress."""
+
+    run_dir: Path
+    processes: Any
+    progress: bool = False
+
+
 class Method(ABC):
     """Base class; subclasses set ``Config`` (a frozen dataclass), ``loss_keys`` and implement the verbs."""
 
@@ -71,15 +82,24 @@ class Method(ABC):
     paper: ClassVar[str] = ""
     # Steps this method's student can be sampled with; None means any positive integer.
     supported_steps: ClassVar[tuple[int, ...] | None] = None
+    # The config field that fixes the one step count a student is trained for (CD/PCM: phases), or None.
+    # ``cdmbench bench`` trains such a method once per evaluated step count and reports it as one row.
+    steps_field: ClassVar[str | None] = None
     # Per-backbone presets: overrides of the method config and of TrainConfig ("train.<field>").
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
 
-    def __init__(self, backbone: Backbone, config, *, training: bool = True):
+    def __init__(self, backbone: Backbone, config, *, training: bool = True, data_source=None):
         if not isinstance(config, self.Config):
             raise CdmbenchError(f"{self.name} needs a {self.Config.__name__}, got {type(config).__name__}")
         self.backbone = backbone
         self.config = config
         self.training = training
+        self.data_source = data_source  # the run's real training data (cdmbench.data.DataSource) or None
+        why = self.needs_data() if training else None
+        if why:
+            from cdmbench.data import require_data
+
+            require_data(data_source, f"{self.name} ({why})", backbone.name)
         self.nets: dict[str, nn.Module] = {"student": backbone.trainable_copy()}
         if not training:
             self.nets["student"].eval().requires_grad_(False)
@@ -96,6 +116,15 @@ class Method(ABC):
     @abstractmethod
     def train_step(self, batch: Batch, step: int, update: Update) -> StepOutput:
         """One iteration; call ``update(name, loss)`` once per network in ``optimizers_for(step)``."""
+
+    def needs_data(self) -> str | None:
+        """Why this configuration trains on real images (e.g. "gan_weight > 0"), or None if it needs none.
+        A method that needs data on a backbone without any fails at construction, in one line."""
+        return None
+
+    def prepare(self, run) -> None:
+        """One-off work before the first iteration (and again on resume), e.g. a pair set stored in the run
+        folder. ``run``: a ``RunContext`` (folder, processes, progress)."""
 
     def after_update(self, name: str) -> None:
         """Hook after network ``name`` stepped (e.g. CDM merges the student into the fake score)."""
@@ -146,27 +175,3 @@ class Method(ABC):
     @property
     def teacher(self) -> nn.Module:
         return self.backbone.teacher
-
-
-@torch.no_grad()
-def teacher_pairs(backbone: Backbone, prompts: list[str], *, steps: int, guidance: float, seed: int,
-                  batch_size: int = 64) -> dict[str, torch.Tensor | list[str]]:
-    """A fixed set of teacher ODE (noise, sample) pairs with their prompts and encodings.
-
-    Deterministic in ``seed``; used by vanilla DMD's regression loss and as the synthetic data of
-    consistency distillation. Noise is drawn on the CPU in fp32 per pair (identity = pair index).
-    """
-    from cdmbench.seeding import StackedGenerator
-
-    n = len(prompts)
-    sched = backbone.schedule(steps)
-    noise, samples = [], []
-    for lo in range(0, n, batch_size):
-        ps = prompts[lo:lo + batch_size]
-        rng = StackedGenerator.for_samples([(f"pair:{seed}", lo + j) for j in range(len(ps))])
-        z = rng.randn(backbone.latent_shape, device=backbone.device)
-        cond = backbone.encode_prompts(ps)
-        den = Denoiser(backbone, backbone.teacher, cond, backbone.uncond(len(ps)), guidance)
-        samples.append(sample_euler(den, z, sched.sigmas(backbone.device)).cpu())
-        noise.append(z.cpu())
-    return {"noise": torch.cat(noise), "samples": torch.cat(samples), "prompts": prompts}

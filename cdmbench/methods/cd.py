@@ -1,12 +1,24 @@
 """Consistency distillation for flow models, PCM-style (Phased Consistency Models, arXiv 2405.18407;
-spec: shared design/baselines.md A3).
+spec: shared design/baselines.md A3; recipe: G-U-N/Phased-Consistency-Model code/text_to_image_sd3).
 
 The shifted σ range is cut into ``phases`` segments by an Euler grid of ``solver_steps`` points. The
 student jumps from x_σ straight to its phase's lower edge, f_θ(x_σ) = x_σ + (σ_edge − σ)·v_θ (boundary
-condition built in); the target is the EMA (or stop-grad online) student applied after one
-teacher-CFG Euler step σ_n → σ_{n+1}; loss: pseudo-Huber. Training latents are teacher ODE samples
-(a fixed synthetic set generated once) re-noised to σ_n. The student samples with exactly ``phases``
-steps (the phase edges).
+condition built in); the target is the online student under no_grad (PCM; or an EMA copy, LCM) applied
+after one teacher-CFG Euler step σ_n → σ_{n+1}; loss: pseudo-Huber. Training latents are real images
+with their captions from the run's data source (``train.data``; the toy's procedural shapes), re-noised
+to σ_n: a backbone without real data fails at start. The student samples with exactly ``phases`` steps.
+
+SD3/LongCat preset = PCM's SD3 recipe (run.sh, train_pcm_lora_sd3.py): 100-point Euler grid, phases
+1/2/4 (set ``phases`` to the evaluated step count), teacher CFG w = 3 in PCM's "cond + w·(cond − uncond)"
+form (standard 4), online no-grad target, Huber c = 0.001, AdamW wd 1e-3, grad clip 1, LoRA lr 5e-6,
+batch 2 per process, 20k steps. Deviations from PCM, all deliberate:
+* Full fine-tuning (cdmbench's default) uses lr 1e-6: PCM publishes LoRA recipes only, and 1e-6 is
+  diffusers' LCM full-model distillation recipe (train_lcm_distill_sdxl_wds.py README); with
+  ``backbone.lora_rank > 0`` the lr is PCM's 5e-6 (PCM's rank is 32: ``--set backbone.lora_rank=32``).
+* No adversarial term (PCM's ``_adv`` scripts add one with weight 0.1), no LR warm-up (PCM: 500 steps).
+* Latents are the VAE posterior mean normalised with the VAE's shift and scale (PCM's script samples the
+  posterior and does not subtract SD3's shift factor).
+* Toy preset: larger lr, a 40-point grid.
 """
 
 from __future__ import annotations
@@ -20,7 +32,7 @@ import torch
 from cdmbench.config import check_enum_fields
 from cdmbench.errors import CdmbenchError
 from cdmbench.methods import METHODS
-from cdmbench.methods.base import Batch, Method, OptimSpec, StepOutput, Update, teacher_pairs
+from cdmbench.methods.base import Batch, Method, OptimSpec, StepOutput, Update
 from cdmbench.methods.losses import euler_step, pseudo_huber_loss, renoise
 from cdmbench.sampling import Schedule, make_schedule
 
@@ -35,15 +47,13 @@ class CDConfig:
     phases: int = 4  # = the step count the student is sampled with
     solver_steps: int = 100  # Euler grid over the shifted σ range
     guidance: float = 4.0  # teacher CFG in the solver step (standard form; PCM "w=3" = 4)
-    target: Target = Target.EMA
-    target_decay: float = 0.95
+    target: Target = Target.STOPGRAD  # PCM's SD3 recipe: the online model under no_grad
+    target_decay: float = 0.95  # for target=ema (LCM)
     huber_c: float = 1e-3
-    num_samples: int = 10000  # synthetic teacher samples (re-noised to σ_n as training latents)
-    sample_steps: int = 28
-    sample_seed: int = 4321
-    student_lr: float = 5e-6
+    student_lr: float = 1e-6  # full fine-tuning (diffusers' LCM full-model recipe; PCM has none)
+    student_lr_lora: float = 5e-6  # with backbone.lora_rank > 0 (PCM)
     betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 1e-4
+    weight_decay: float = 1e-3  # PCM run.sh
     warmup: int = 0
 
     def __post_init__(self):
@@ -57,18 +67,18 @@ class CD(Method):
     Config = CDConfig
     paper = "Phased Consistency Models (PCM), arXiv 2405.18407; LCM, arXiv 2310.04378"
     loss_keys = ("consistency",)
+    steps_field = "phases"  # one student per phase count (PCM trains one model per phase count)
     presets = {
-        "toy": {"student_lr": 1e-4, "num_samples": 1024, "solver_steps": 40,
+        "toy": {"student_lr": 1e-4, "solver_steps": 40,
                 "train.steps": 400, "train.batch_size": 16, "train.checkpoint_every": 100},
         "sd3": {"train.steps": 20000, "train.batch_size": 2, "train.mixed_precision": "bf16", "backbone.gradient_checkpointing": "true"},
         "longcat": {"train.steps": 20000, "train.batch_size": 2, "train.mixed_precision": "bf16", "backbone.gradient_checkpointing": "true"},
     }
 
-    def __init__(self, backbone, config: CDConfig, *, training: bool = True):
-        super().__init__(backbone, config, training=training)
+    def __init__(self, backbone, config: CDConfig, *, training: bool = True, data_source=None):
+        super().__init__(backbone, config, training=training, data_source=data_source)
         nominal = [1.0 - k / config.solver_steps for k in range(config.solver_steps)]
         self.grid = make_schedule(nominal, backbone.shift_sigmas).sigmas(backbone.device)  # (solver_steps + 1,)
-        self.data: dict | None = None
         self.target_net = None
         self._ema_pairs = None  # (target params, student params) for the EMA update
         if training and config.target is Target.EMA:
@@ -84,9 +94,13 @@ class CD(Method):
         edges = [1.0 - k * seg / self.config.solver_steps for k in range(self.config.phases)]
         return make_schedule(edges, self.backbone.shift_sigmas)
 
+    def needs_data(self) -> str | None:
+        return "trains on real image-caption pairs, as PCM"
+
     def optim_specs(self):
         c = self.config
-        return {"student": OptimSpec(c.student_lr, c.betas, c.weight_decay, warmup=c.warmup)}
+        lr = c.student_lr_lora if self.backbone.options.lora_rank > 0 else c.student_lr
+        return {"student": OptimSpec(lr, c.betas, c.weight_decay, warmup=c.warmup)}
 
     def optimizers_for(self, step: int) -> tuple[str, ...]:
         return ("student",)
@@ -104,26 +118,13 @@ class CD(Method):
                 torch._foreach_lerp_(target, full, 1 - self.config.target_decay)
 
     def extra_state(self):
-        out = {} if self.data is None else {"samples": self.data["samples"]}
-        if self.target_net is not None:
-            out.update({f"target.{k}": v for k, v in self.target_net.state_dict().items()})
-        return out
+        if self.target_net is None:
+            return {}
+        return {f"target.{k}": v for k, v in self.target_net.state_dict().items()}
 
     def load_extra_state(self, state):
-        if "samples" in state:
-            self._ensure_data(state["samples"])
         if self.target_net is not None and any(k.startswith("target.") for k in state):
             self.target_net.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("target.")}, strict=True)
-
-    def _ensure_data(self, samples=None):
-        if self.data is not None:
-            return
-        c = self.config
-        prompts = self.draw_prompts(c.num_samples, torch.Generator().manual_seed(c.sample_seed))
-        if samples is None:
-            samples = teacher_pairs(self.backbone, prompts, steps=c.sample_steps, guidance=c.guidance,
-                                    seed=c.sample_seed)["samples"]
-        self.data = {"samples": samples, "prompts": prompts}
 
     def jump(self, net, x, s, s_edge, cond):
         """f(x_σ) = x_σ + (σ_edge − σ)·v(x_σ, σ): the Euler jump to the phase edge."""
@@ -131,10 +132,8 @@ class CD(Method):
 
     def train_step(self, batch: Batch, step: int, update: Update) -> StepOutput:
         c, B, dev = self.config, batch.size, self.backbone.device
-        self._ensure_data()
-        j = torch.randint(len(self.data["prompts"]), (B,))
-        x0 = self.data["samples"][j].to(dev)
-        cond = self.backbone.encode_prompts([self.data["prompts"][int(i)] for i in j])
+        real = self.data_source.next(B)  # real latents with their captions
+        x0, cond = real.latents, self.backbone.encode_prompts(real.captions)
         seg = c.solver_steps // c.phases
         n = torch.randint(0, c.solver_steps, (B,), device=dev)  # grid index of σ_n (> 0)
         edge = (n // seg + 1) * seg  # grid index of the phase's lower edge

@@ -140,8 +140,8 @@ class CDM(Method):
                     "train.checkpoint_every": 500},
     }
 
-    def __init__(self, backbone, config: CDMConfig, *, training: bool = True):
-        super().__init__(backbone, config, training=training)
+    def __init__(self, backbone, config: CDMConfig, *, training: bool = True, data_source=None):
+        super().__init__(backbone, config, training=training, data_source=data_source)
         if training:
             self.nets["fake_score"] = backbone.trainable_copy()
 

@@ -1,11 +1,20 @@
-"""Vanilla DMD (Yin et al., CVPR 2024, arXiv 2311.18828; spec: shared design/baselines.md A1).
+"""Vanilla DMD (Yin et al., CVPR 2024, arXiv 2311.18828; spec: shared design/baselines.md A1; no official code).
 
 A one-step generator G(z) = x̂0 of the student at σ = 1, trained with the distribution-matching
 gradient (real score with CFG, fake score without) plus a regression loss towards a fixed set of
-teacher ODE (noise, sample) pairs generated once by the method and cached with its state;
-generator and fake score update 1:1. Regression distance: LPIPS on decoded images for image
-backbones; the toy uses MSE on decoded images (no pretrained LPIPS network offline, and using the
-toy evaluators' features would leak the metric into training).
+teacher ODE (noise, sample) pairs; generator and fake score update 1:1. The pairs are generated once per
+run before the first iteration, sharded across processes, and stored in the run folder
+(``cdmbench.pairs``), not in checkpoints; a resumed run reads them back. One guidance for both losses:
+the pairs are made with the real score's CFG unless ``pair_guidance`` says otherwise, so the regression and
+DM terms pull toward the same teacher. Regression distance: LPIPS on decoded images resized to
+``lpips_resolution`` for image backbones.
+
+Deviations from the paper (its SD1.5 setting): SD3-class backbones run the SD1.5 recipe
+(real-score CFG 3, λ_reg 0.25, σ ∈ [0.02, 0.98], pairs from a 28-step Euler ODE, 10k pairs); the pair set's
+size and the real-score CFG are *verify* against the paper (baselines.md A1.4); LPIPS is torchmetrics'
+VGG LPIPS on images resized to 256 px (DMD's LPIPS network and resolution: *verify*). Toy preset: MSE on
+decoded images instead of LPIPS (no pretrained LPIPS network offline; the toy evaluators' features would
+leak the metric into training), 512 pairs, CFG 2, larger learning rates.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ import torch
 from cdmbench.config import check_enum_fields
 from cdmbench.errors import CdmbenchError, MissingWeightsError
 from cdmbench.methods import METHODS
-from cdmbench.methods.base import Batch, Method, OptimSpec, StepOutput, Update, teacher_pairs
+from cdmbench.methods.base import Batch, Method, OptimSpec, StepOutput, Update
 from cdmbench.methods.losses import dmd_loss, flow_matching_loss, mse_distance, renoise, to_x0
 from cdmbench.methods.schedules import SigmaMethod, sample_sigmas
 
@@ -36,7 +45,7 @@ class DMDConfig:
     lpips_resolution: int = 256  # decoded images are resized to this before LPIPS
     num_pairs: int = 10000  # size of the fixed teacher pair set
     pair_steps: int = 28  # teacher Euler steps for the pairs
-    pair_guidance: float = 4.5  # teacher CFG for the pairs
+    pair_guidance: float | None = None  # teacher CFG for the pairs; None = real_guidance (one teacher)
     pair_seed: int = 1234
     sigma_min: float = 0.02
     sigma_max: float = 0.98
@@ -59,16 +68,16 @@ class DMD(Method):
     loss_keys = ("fake_score", "dm", "regression", "student")
     supported_steps = (1,)
     presets = {
-        "toy": {"student_lr": 3e-5, "fake_lr": 1e-4, "real_guidance": 2.0, "pair_guidance": 4.0,
+        "toy": {"student_lr": 3e-5, "fake_lr": 1e-4, "real_guidance": 2.0,
                 "regression_distance": "mse", "num_pairs": 512,
                 "train.steps": 400, "train.batch_size": 16, "train.checkpoint_every": 100},
-        "sd3": {"pair_guidance": 7.0, "train.steps": 4000, "train.batch_size": 16, "train.mixed_precision": "bf16", "backbone.gradient_checkpointing": "true"},
+        "sd3": {"train.steps": 4000, "train.batch_size": 16, "train.mixed_precision": "bf16", "backbone.gradient_checkpointing": "true"},
         "longcat": {"train.steps": 2000, "train.batch_size": 8, "train.mixed_precision": "bf16", "backbone.gradient_checkpointing": "true"},
     }
 
-    def __init__(self, backbone, config: DMDConfig, *, training: bool = True):
-        super().__init__(backbone, config, training=training)
-        self.pairs: dict | None = None
+    def __init__(self, backbone, config: DMDConfig, *, training: bool = True, data_source=None):
+        super().__init__(backbone, config, training=training, data_source=data_source)
+        self.pairs = None  # a cdmbench.pairs.PairSet, set by ``prepare``
         self._lpips = None
         if training:
             self.nets["fake_score"] = backbone.trainable_copy()
@@ -83,25 +92,20 @@ class DMD(Method):
     def optimizers_for(self, step: int) -> tuple[str, ...]:
         return ("student", "fake_score")
 
-    # the pair set is generated once, then travels with the checkpoints
-    def extra_state(self):
-        return {} if self.pairs is None else {"pair_noise": self.pairs["noise"], "pair_samples": self.pairs["samples"]}
-
-    def load_extra_state(self, state):
-        if "pair_noise" in state:
-            self._ensure_pairs(state)
-
-    def _ensure_pairs(self, state=None):
-        if self.pairs is not None:
-            return
+    @property
+    def pair_guidance(self) -> float:
         c = self.config
-        g = torch.Generator().manual_seed(c.pair_seed)
-        prompts = self.draw_prompts(c.num_pairs, g)
-        if state:
-            self.pairs = {"noise": state["pair_noise"], "samples": state["pair_samples"], "prompts": prompts}
-        else:
-            self.pairs = teacher_pairs(self.backbone, prompts, steps=c.pair_steps, guidance=c.pair_guidance,
-                                       seed=c.pair_seed)
+        return c.real_guidance if c.pair_guidance is None else c.pair_guidance
+
+    def prepare(self, run) -> None:
+        """The fixed pair set: made once (sharded, with a progress bar) into the run folder, or read back."""
+        from cdmbench.pairs import teacher_pair_set
+
+        c = self.config
+        prompts = self.draw_prompts(c.num_pairs, torch.Generator().manual_seed(c.pair_seed))
+        self.pairs = teacher_pair_set(self.backbone, prompts, steps=c.pair_steps, guidance=self.pair_guidance,
+                                      seed=c.pair_seed, run_dir=run.run_dir, processes=run.processes,
+                                      progress=run.progress)
 
     def generate(self, noise, cond):
         s = torch.ones(noise.shape[0], device=noise.device)
@@ -109,7 +113,8 @@ class DMD(Method):
 
     def train_step(self, batch: Batch, step: int, update: Update) -> StepOutput:
         c, cond, B, dev = self.config, batch.cond, batch.size, self.backbone.device
-        self._ensure_pairs()
+        if self.pairs is None:
+            raise RuntimeError("dmd: prepare(run) makes the teacher pairs before the first train_step")
         out = StepOutput()
         x = self.generate(torch.randn(B, *self.backbone.latent_shape, device=dev), cond)
         s_t = sample_sigmas(B, SigmaMethod.UNIFORM, sigma_min=c.sigma_min, sigma_max=c.sigma_max, device=dev)
@@ -121,9 +126,9 @@ class DMD(Method):
             x0_fake = to_x0(x_t, s_t, self.v("fake_score", x_t, s_t, cond))
         l_dm, n = dmd_loss(x, x0_real, x0_fake)
         # regression on a separate batch of the fixed teacher pairs
-        j = torch.randint(len(self.pairs["prompts"]), (B,))
-        pz, py = self.pairs["noise"][j].to(dev), self.pairs["samples"][j].to(dev)
-        pcond = self.backbone.encode_prompts([self.pairs["prompts"][int(i)] for i in j])
+        j = torch.randint(len(self.pairs), (B,)).tolist()
+        pz, py = self.pairs.noise(j, dev), self.pairs.samples[j].to(dev).float()
+        pcond = self.backbone.encode_prompts([self.pairs.prompts[i] for i in j])
         l_reg = self.regression(self.generate(pz, pcond), py)
         total = l_dm + c.regression_weight * l_reg
         update("student", total)

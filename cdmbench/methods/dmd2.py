@@ -1,10 +1,24 @@
-"""DMD2 (Yin et al., NeurIPS 2024; spec: shared design/baselines.md A2).
+"""DMD2 (Yin et al., NeurIPS 2024, arXiv 2405.14867; spec: shared design/baselines.md A2; recipe: tianweiy/DMD2
+experiments/sdxl/*4step*backsim*.sh).
 
 No regression loss; two-time-scale updates (the fake score steps every iteration, the generator every
 ``update_ratio``-th); a multi-step generator on a fixed 4-step σ grid trained with backward simulation
 (k no-grad steps from fresh noise, x̂0 → re-noise with *fresh* noise); the DM gradient uses the
-CFG'd real score and the CFG-free fake score; stochastic (re-noising) inference. The optional GAN head
-(``gan_weight > 0``) classifies fake-score mid-block features of real vs generated latents.
+CFG'd real score and the CFG-free fake score; stochastic (re-noising) inference. The GAN head
+(``gan_weight > 0``) classifies fake-score features of real vs generated latents, both re-noised at
+σ ~ U[0, 1) ("diffusion GAN"); its real latents come from the run's data source (``train.data``; the toy's
+procedural shapes), and a backbone without real data fails at start.
+
+SD3/LongCat preset = DMD2's 4-step SDXL recipe: real-score CFG 8, TTUR ratio 5, GAN weights 5e-3
+(generator) / 1e-2 (discriminator), gradient clip 10, fake-score σ over the full range (t ~ U{0..999}),
+AdamW (0.9, 0.999) wd 0.01, lr 5e-7 full fine-tuning / 5e-5 LoRA, global batch 128 (DMD2: 2 × 64 GPUs;
+here 16 × 8). Deviations from DMD2, all deliberate:
+* SD3 has no DMD2 recipe; the SDXL one is used unchanged (DMD2 issue #62 reports 4-step SD3 artifacts with it).
+* The discriminator head reads the mean-pooled tokens of the fake score's middle transformer block (DMD2:
+  a conv head on the UNet bottleneck), a LayerNorm-MLP instead of conv layers.
+* Normaliser per sample, no clamp, DM σ in [0.02, 0.98] (as DMD2's min/max_step_percent).
+* Toy preset: no GAN (the shapes generator exists, but the SDXL GAN weights are untuned there), ratio 2,
+  larger learning rates, clip 1.
 """
 
 from __future__ import annotations
@@ -29,13 +43,16 @@ class DMD2Config:
     real_guidance: float = 8.0  # CFG of the real score (standard form; SDXL 8, SD1.5 1.75)
     fixed_sigmas: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)  # generator grid (nominal; 999/749/499/249)
     update_ratio: int = 5  # fake-score updates per generator update (SDXL 5, SD1.5 10)
-    sigma_min: float = 0.02  # DM re-noise σ ~ U[min, max]
+    sigma_min: float = 0.02  # DM re-noise σ ~ U[min, max] (DMD2 min/max_step_percent 0.02 / 0.98)
     sigma_max: float = 0.98
-    fake_sigma_method: SigmaMethod = SigmaMethod.UNIFORM
-    gan_weight: float = 0.0  # generator GAN weight (0 = no GAN head; SDXL 5e-3)
-    gan_disc_weight: float = 1e-2  # discriminator loss weight inside the fake-score update
-    student_lr: float = 5e-7
+    fake_sigma_min: float = 0.0  # fake-score training and GAN re-noise σ ~ U[min, max]: the full range
+    fake_sigma_max: float = 1.0  # (DMD2: t ~ randint(0, 1000); diffusion_gan_max_timestep 1000)
+    gan_weight: float = 5e-3  # generator GAN weight (0 = no GAN head; DMD2 SDXL 5e-3)
+    gan_disc_weight: float = 1e-2  # discriminator loss weight inside the fake-score update (DMD2 SDXL 1e-2)
+    student_lr: float = 5e-7  # full fine-tuning (DMD2 SDXL)
     fake_lr: float = 5e-7
+    student_lr_lora: float = 5e-5  # with backbone.lora_rank > 0 (DMD2 SDXL LoRA)
+    fake_lr_lora: float = 5e-5
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.01
     warmup: int = 0
@@ -83,22 +100,26 @@ class DMD2(Method):
     loss_keys = ("fake_score", "gan_d", "dm", "gan_g", "student")
     stochastic_sampling = True
     presets = {
-        "toy": {"student_lr": 3e-5, "fake_lr": 1e-4, "real_guidance": 2.0, "update_ratio": 2,
+        "toy": {"student_lr": 3e-5, "fake_lr": 1e-4, "real_guidance": 2.0, "update_ratio": 2, "gan_weight": 0.0,
                 "train.steps": 400, "train.batch_size": 16, "train.checkpoint_every": 100},
-        "sd3": {"train.steps": 4000, "train.batch_size": 16, "train.mixed_precision": "bf16", "backbone.gradient_checkpointing": "true"},
-        "longcat": {"train.steps": 2000, "train.batch_size": 8, "train.mixed_precision": "bf16", "backbone.gradient_checkpointing": "true"},
+        "sd3": {"train.grad_clip": 10.0, "train.steps": 4000, "train.batch_size": 16, "train.mixed_precision": "bf16", "backbone.gradient_checkpointing": "true"},
+        "longcat": {"train.grad_clip": 10.0, "train.steps": 2000, "train.batch_size": 8, "train.mixed_precision": "bf16", "backbone.gradient_checkpointing": "true"},
     }
 
-    def __init__(self, backbone, config: DMD2Config, *, training: bool = True):
-        super().__init__(backbone, config, training=training)
+    def __init__(self, backbone, config: DMD2Config, *, training: bool = True, data_source=None):
+        super().__init__(backbone, config, training=training, data_source=data_source)
         if training:
             fake = backbone.trainable_copy()
             self.nets["fake_score"] = FakeScoreWithHead(fake) if config.gan_weight > 0 else fake
 
+    def needs_data(self) -> str | None:
+        return "gan_weight > 0" if self.config.gan_weight > 0 else None
+
     def optim_specs(self):
         c = self.config
-        return {"student": OptimSpec(c.student_lr, c.betas, c.weight_decay, warmup=c.warmup),
-                "fake_score": OptimSpec(c.fake_lr, c.betas, c.weight_decay, warmup=c.warmup)}
+        lora = self.backbone.options.lora_rank > 0
+        return {"student": OptimSpec(c.student_lr_lora if lora else c.student_lr, c.betas, c.weight_decay, warmup=c.warmup),
+                "fake_score": OptimSpec(c.fake_lr_lora if lora else c.fake_lr, c.betas, c.weight_decay, warmup=c.warmup)}
 
     def optimizers_for(self, step: int) -> tuple[str, ...]:
         return ("student", "fake_score") if step % self.config.update_ratio == 0 else ("fake_score",)
@@ -143,13 +164,13 @@ class DMD2(Method):
             out.losses["student"] = total.detach()
         # fake score: denoising loss on detached generator samples, σ over the whole range
         x = x.detach()
-        s = sample_sigmas(B, c.fake_sigma_method, sigma_min=c.sigma_min, sigma_max=c.sigma_max, device=x.device)
+        s = self._fake_sigmas(B, x.device)
         z = torch.randn_like(x)
         l_fake = flow_matching_loss(self.v("fake_score", renoise(x, s, z), s, cond), x, z)
         total = l_fake
         if c.gan_weight > 0:
-            real, real_prompts = self.backbone.real_batch(B, torch.Generator().manual_seed(batch.shared_seed))
-            l_d = gan_discriminator_loss(self._disc_logits(real, self.backbone.encode_prompts(real_prompts)),
+            real = self.data_source.next(B)  # the run's real images (latents) with their captions
+            l_d = gan_discriminator_loss(self._disc_logits(real.latents, self.backbone.encode_prompts(real.captions)),
                                          self._disc_logits(x, cond))
             total = total + c.gan_disc_weight * l_d
             out.losses["gan_d"] = l_d.detach()
@@ -157,11 +178,14 @@ class DMD2(Method):
         out.losses["fake_score"] = l_fake.detach()
         return out
 
+    def _fake_sigmas(self, n: int, device) -> torch.Tensor:
+        c = self.config
+        return sample_sigmas(n, SigmaMethod.UNIFORM, sigma_min=c.fake_sigma_min, sigma_max=c.fake_sigma_max,
+                             device=device)
+
     def _disc_logits(self, x0: torch.Tensor, cond) -> torch.Tensor:
-        """Discriminator logits of clean latents re-noised at σ ~ U(0, 1) ("diffusion GAN")."""
-        B = x0.shape[0]
-        s = sample_sigmas(B, SigmaMethod.UNIFORM, sigma_min=self.config.sigma_min, sigma_max=self.config.sigma_max,
-                          device=x0.device)
+        """Discriminator logits of clean latents re-noised at σ ~ U[0, 1) ("diffusion GAN")."""
+        s = self._fake_sigmas(x0.shape[0], x0.device)
         fake = self.nets["fake_score"]
         self.v(fake, renoise(x0, s, torch.randn_like(x0)), s, cond)
         return getattr(fake, "module", fake).logits()

@@ -2,9 +2,11 @@
 
 ``build_report(results_path, out_dir)`` writes, each file atomically::
 
-    out_dir/report.md            title, header, per arch: summary, one table (+ plot) per metric, grid
-    out_dir/tables/*.csv         <arch>_<metric>.csv pivots and summary_<arch>.csv
-    out_dir/plots/*.png          <arch>_<metric>.png
+    out_dir/report.md            title, header, per arch: summary, verdicts and ranks per step count,
+                                 training compute, one table (+ plots) per metric, matched compute, grid
+    out_dir/results.csv          the tidy rows it was built from (results_matched.csv: the matched runs)
+    out_dir/tables/*.csv         <arch>_<metric>.csv pivots, summary_<arch>.csv, cells/pairs/ranks/curves.csv
+    out_dir/plots/*.png          <arch>_<metric>.png (vs steps), <arch>_<metric>_vs_compute.png
     out_dir/grid.png             methods × steps samples (grid_<arch>.png when several archs)
 """
 
@@ -37,51 +39,118 @@ def build_report(
     title: str = "cdmbench report",
     header: dict | None = None,
     max_samples: int = 4,
+    matched_results: str | os.PathLike | None = None,
+    matched_note: str = "",
+    argv: list[str] | None = None,
 ) -> Path:
     """Build the report for a results file (``cdmbench.eval.results.RESULT_COLUMNS``).
 
+    Cells are aggregated over training seeds (``cdmbench.reports.aggregate``), with per-item data read
+    from the results file's folder (the eval folder, ``cdmbench.eval.items``).
+
     Args:
-        results_path: the tidy results (.csv, .parquet or .jsonl).
+        results_path: the tidy results (.csv, .parquet or .jsonl); copied into ``out_dir``.
         out_dir: where report.md, tables/, plots/ and the grid go (created; existing files replaced).
         images_root: folder with the generation manifest (or the manifest file); None = no grid.
         title: the report's H1.
-        header: key → value facts shown under the title (commit, date, machine, ...).
+        header: key → value facts shown under the title, after the ones read from the results
+            (command, versions, date, n, prompt set, seeds, training seeds, global batch).
         max_samples: samples per grid cell.
+        matched_results: a second results file of compute-matched runs (``cdmbench bench --match-compute``):
+            its own summary, ranking and results copy.
+        matched_note: how the matched budget was chosen, shown above that section.
+        argv: the command line for the header (default ``sys.argv``).
 
     Returns:
         The path of report.md.
     """
+    import shutil
+    import sys
+
     from cdmbench.eval.results import read_manifest
-    from cdmbench.io import write_text
+    from cdmbench.io import atomic_path, write_text
     from cdmbench.reports import grid as grid_mod
     from cdmbench.reports import markdown, plots, tables
+    from cdmbench.reports.aggregate import aggregate
 
     out_dir = Path(out_dir)
     df = tables.load_results(results_path)
     if df.empty:
         raise CdmbenchError(f"results file {results_path} has no rows")
-    metric_tables = tables.metric_tables(df)
-    tables.write_csvs(metric_tables, df, out_dir / "tables")
-    teacher = set(df.loc[df["method"] == tables.TEACHER_METHOD, "label"])
+    manifest = None
+    if images_root is not None:  # read every input before the first file is written
+        manifest_path, root = find_manifest(images_root)
+        manifest = read_manifest(manifest_path)
+        manifest = manifest[~manifest["run"].str.contains("@", regex=False)]  # older checkpoints: curves only
+    eval_dir = Path(results_path).parent
+    agg = aggregate(df, eval_dir)
+    metric_tables = [t for t in tables.metric_tables(cells_as_rows(agg)) if t.applies]
+    frame = cells_as_rows(agg)
+    tables.write_csvs(metric_tables, frame, out_dir / "tables")
+    _write_frames(out_dir / "tables", {"cells": agg.cells, "pairs": agg.pairs, "ranks": agg.ranks,
+                                       "curves": agg.curves}, atomic_path)
+    with atomic_path(out_dir / "results.csv") as tmp:  # the tidy rows every number is computed from
+        shutil.copyfile(results_path, tmp)
+    teacher = set(frame.loc[frame["method"] == tables.TEACHER_METHOD, "label"])
     plot_paths = {}
     for t in metric_tables:
         if t.value.notna().any().any():
             plots.plot_metric(t, out_dir / "plots" / f"{t.key}.png", teacher)
             plot_paths[t.key] = f"plots/{t.key}.png"
+    compute_plots = {}
+    for t in metric_tables:
+        curve = agg.curves[(agg.curves["arch"] == t.arch) & (agg.curves["metric"] == t.metric)]
+        if not curve.empty:
+            name = f"plots/{t.key}_vs_compute.png"
+            plots.plot_vs_compute(curve, t, out_dir / name)
+            compute_plots[t.key] = name
+    matched = None
+    if matched_results is not None:
+        mdf = tables.load_results(matched_results)
+        magg = aggregate(mdf, Path(matched_results).parent)
+        mtables = [t for t in tables.metric_tables(cells_as_rows(magg)) if t.applies]
+        _write_frames(out_dir / "tables", {"matched_cells": magg.cells, "matched_pairs": magg.pairs,
+                                           "matched_ranks": magg.ranks}, atomic_path)
+        with atomic_path(out_dir / "results_matched.csv") as tmp:
+            shutil.copyfile(matched_results, tmp)
+        matched = (magg, mtables, matched_note)
     grids = {}
-    if images_root is not None:
-        manifest_path, root = find_manifest(images_root)
-        manifest = read_manifest(manifest_path)
+    if manifest is not None:
         archs = [a for a in dict.fromkeys(manifest["arch"])]
         for arch in archs:
             name = "grid.png" if len(archs) == 1 else f"grid_{tables.safe_name(arch)}.png"
             grid_mod.sample_grid(manifest[manifest["arch"] == arch], root, out_dir / name, max_samples)
             grids[arch] = name
-    summaries = [tables.summary(df, metric_tables, arch) for arch in dict.fromkeys(df["arch"])]
-    text = markdown.render_report(title, header, summaries, metric_tables, plot_paths, grids)
+    summaries = [tables.summary(frame, metric_tables, arch) for arch in dict.fromkeys(frame["arch"])]
+    facts = {**markdown.report_facts(df, eval_dir, sys.argv if argv is None else argv), **(header or {})}
+    text = markdown.render_report(title, facts, summaries, metric_tables, plot_paths, grids, agg=agg,
+                                  compute_plots=compute_plots, matched=matched)
     report = out_dir / "report.md"
     write_text(report, text)
     return report
+
+
+def cells_as_rows(agg) -> "pd.DataFrame":
+    """Aggregated cells in the shape of result rows (``run`` = label), with their compact rank, for the
+    pivots of ``cdmbench.reports.tables``."""
+    import pandas as pd
+
+    cells = agg.cells.copy()
+    if cells.empty:
+        return cells
+    cells["run"] = cells["label"]
+    if not agg.ranks.empty:
+        cells = cells.merge(agg.ranks, how="left", on=["arch", "steps", "metric", "protocol", "label"])
+    else:
+        cells["rank"] = float("nan")
+    cells["protocol"] = cells["protocol"].fillna("")
+    return cells.reset_index(drop=True).assign(steps=lambda c: pd.to_numeric(c["steps"]).astype("Int64"))
+
+
+def _write_frames(folder: Path, frames: dict, atomic_path) -> None:
+    for name, frame in frames.items():
+        with atomic_path(folder / f"{name}.csv") as tmp:
+            frame.to_csv(tmp, index=False)
 
 
 __all__ = ["build_report", "find_manifest"]

@@ -61,3 +61,55 @@ def plot_metric(t: MetricTable, out_path: str | os.PathLike, teacher_labels: set
     with atomic_path(out_path) as tmp:
         fig.savefig(tmp, format="png")
     return out_path
+
+
+def plot_vs_compute(curve, t: MetricTable, out_path: str | os.PathLike) -> Path:
+    """PNG: the metric against cumulative training TFLOPs, one panel per student step count, one line
+    per method through its evaluated checkpoints (mean over training seeds at each checkpoint); the
+    teacher at its most-step setting as a dashed reference.
+
+    Args:
+        curve: rows (label, steps, train_step, value, train_tflops) of one (arch, metric)
+            (``Aggregate.curves``).
+        t: the metric's table (direction, title, teacher values).
+        out_path: the PNG.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from cdmbench.io import atomic_path
+
+    steps = sorted(int(s) for s in curve["steps"].unique())
+    fig = Figure(figsize=(4.2 * len(steps), 3.8), dpi=110)
+    FigureCanvasAgg(fig)
+    teacher = [lb for lb in t.value.index if str(lb) == "teacher"]
+    ref = None
+    if teacher:
+        row = t.value.loc[teacher[0]].dropna()
+        if len(row):
+            ref = (int(row.index.max()), float(row[row.index.max()]))
+    labels = list(dict.fromkeys(curve["label"]))
+    colors = {lb: f"C{i % 10}" for i, lb in enumerate(labels)}
+    for i, s in enumerate(steps):
+        ax = fig.add_subplot(1, len(steps), i + 1)
+        block = curve[curve["steps"] == s]
+        for lb in labels:
+            c = block[block["label"] == lb].sort_values("train_tflops")
+            if c.empty:
+                continue
+            ax.plot(c["train_tflops"], c["value"], marker="o", color=colors[lb], label=lb)
+        if ref is not None:
+            ax.axhline(ref[1], linestyle="--", color="0.3", linewidth=1.0, label=f"teacher ({ref[0]} steps)")
+        ax.set_xscale("log")
+        ax.set_xlabel("training TFLOPs (counted)")
+        ax.set_title(f"{s} step" + ("s" if s != 1 else ""))
+        ax.grid(True, alpha=0.3)
+        if i == 0:
+            ax.set_ylabel(f"{t.title} {arrow(t.higher_is_better)}".strip())
+            ax.legend(fontsize=7)
+    fig.suptitle(f"{t.title} vs training compute — {t.arch}", fontsize=10)
+    fig.tight_layout()
+    out_path = Path(out_path)
+    with atomic_path(out_path) as tmp:
+        fig.savefig(tmp, format="png")
+    return out_path

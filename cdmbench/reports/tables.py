@@ -28,7 +28,7 @@ def load_results(path: str | os.PathLike) -> pd.DataFrame:
 
 
 def tidy(df: pd.DataFrame) -> pd.DataFrame:
-    df = df.drop_duplicates(subset=["run", "steps", "metric", "protocol"], keep="last").copy()
+    df = df.drop_duplicates(subset=["run", "train_step", "steps", "metric", "protocol"], keep="last").copy()
     runs_per_method = df.groupby(["arch", "method"])["run"].transform("nunique")
     df["label"] = np.where(runs_per_method > 1, df["method"] + " (" + df["run"] + ")", df["method"])
     return df.reset_index(drop=True)
@@ -47,6 +47,8 @@ class MetricTable:
     ci_high: pd.DataFrame
     status: pd.DataFrame  # "" where no row exists
     variant: int = 0  # 1, 2, ... when one (arch, metric) has several protocols, else 0
+    n_seeds: pd.DataFrame | None = None  # training seeds behind each cell (aggregated tables)
+    rank: pd.DataFrame | None = None  # compact rank per cell (students only; NaN for references)
 
     @property
     def key(self) -> str:
@@ -65,6 +67,12 @@ class MetricTable:
             if s and s != "ok" and s not in seen:
                 seen.append(s)
         return seen
+
+    @property
+    def applies(self) -> bool:
+        """False when every cell of the table is "not_applicable" (the table is hidden)."""
+        cells = [s for s in self.status.to_numpy().ravel() if s]
+        return not cells or not all(s.startswith("not_applicable") for s in cells)
 
 
 def safe_name(name: str) -> str:
@@ -111,12 +119,13 @@ def _pivot(arch: str, metric: str, protocol: str, rows: pd.DataFrame, hib: bool 
 
     status = pv("status").fillna("")
     ok = status == "ok"
+    extra = {c: pv(c).astype("float64") for c in ("n_seeds", "rank") if c in rows.columns}
     return MetricTable(
         arch, metric, protocol, hib,
         value=pv("value").astype("float64").where(ok),
         ci_low=pv("ci_low").astype("float64").where(ok),
         ci_high=pv("ci_high").astype("float64").where(ok),
-        status=status, variant=variant,
+        status=status, variant=variant, **extra,
     )
 
 
@@ -129,6 +138,8 @@ class Summary:
     value: pd.DataFrame  # index (label, steps), columns = table titles
     status: pd.DataFrame
     nfe: pd.Series  # index (label, steps)
+    rank: pd.DataFrame | None = None  # compact ranks, like ``value``
+    tflops: pd.Series | None = None  # training TFLOPs behind each (label, steps) (mean over its runs)
 
 
 def summary(df: pd.DataFrame, tables: list[MetricTable], arch: str) -> Summary:
@@ -144,9 +155,12 @@ def summary(df: pd.DataFrame, tables: list[MetricTable], arch: str) -> Summary:
 
     value = stack({t.title: t.value for t in tables}, None)
     status = stack({t.title: t.status for t in tables}, "")
-    ok = df[(df["arch"] == arch) & (df["status"] == "ok")]
-    nfe = ok.assign(steps=ok["steps"].astype("int64")).groupby(["label", "steps"])["nfe"].first().reindex(index)
-    return Summary(arch, tables, value, status, nfe)
+    rank = stack({t.title: t.rank for t in tables if t.rank is not None}, None) if any(
+        t.rank is not None for t in tables) else None
+    ok = df[(df["arch"] == arch) & (df["status"] == "ok")].assign(steps=lambda r: r["steps"].astype("int64"))
+    nfe = ok.groupby(["label", "steps"])["nfe"].first().reindex(index)
+    tflops = ok.groupby(["label", "steps"])["train_tflops"].mean().reindex(index) if "train_tflops" in ok else None
+    return Summary(arch, tables, value, status, nfe, rank, tflops)
 
 
 def write_csvs(tables: list[MetricTable], df: pd.DataFrame, out_dir: str | os.PathLike) -> list[Path]:

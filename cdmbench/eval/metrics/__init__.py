@@ -29,8 +29,12 @@ from cdmbench.eval.metrics import (  # noqa: E402,F401  (register)
 
 
 def build_metric(name: str, evaluators: Evaluators | None = None, options: MetricOptions | None = None) -> Metric:
-    """The registered metric ``name`` with the models ``evaluators`` declares (None: the real defaults); loads weights."""
-    return METRICS.get(name).from_options(evaluators or Evaluators(), options)
+    """The registered metric ``name`` with the models ``evaluators`` declares (None: the real defaults); loads
+    weights, and nothing is downloaded unless the user opted in (``base.downloads_allowed``)."""
+    from cdmbench.eval.metrics.base import no_downloads_unless_allowed
+
+    with no_downloads_unless_allowed():
+        return METRICS.get(name).from_options(evaluators or Evaluators(), options)
 
 
 __all__ = [

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
@@ -153,9 +154,47 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
+DOWNLOAD_ENV = "CDMBENCH_ALLOW_DOWNLOAD"
+HOW_TO_DOWNLOAD = f"or let cdmbench download it once: `cdmbench eval --allow-download` (or ${DOWNLOAD_ENV}=1)"
+
+
+def downloads_allowed() -> bool:
+    """True only when the user opted in to downloading scorer weights (``--allow-download`` or
+    ``$CDMBENCH_ALLOW_DOWNLOAD=1``) and did not ask for no network (``HF_HUB_OFFLINE``)."""
+    return (os.environ.get(DOWNLOAD_ENV, "").strip().lower() in {"1", "true", "yes", "on"}) and not offline()
+
+
+class DownloadBlocked(OSError):
+    """A scorer tried to reach the network while downloads are not allowed."""
+
+
+@contextmanager
+def no_downloads_unless_allowed():
+    """Within the block, no scorer loader reaches the network unless ``downloads_allowed()``: the HF hub is
+    put in offline mode (cached files still resolve) and ``urllib`` refuses to open URLs (open_clip's and
+    clean-fid's own downloads, torchvision's weight cache). Weight files already on disk load as usual."""
+    if downloads_allowed():
+        yield
+        return
+    import urllib.request
+
+    from huggingface_hub import constants
+
+    def refuse(url, *args, **kwargs):
+        raise DownloadBlocked(f"download of {getattr(url, 'full_url', url)} refused: downloads are off")
+
+    saved = constants.HF_HUB_OFFLINE, urllib.request.urlopen
+    constants.HF_HUB_OFFLINE, urllib.request.urlopen = True, refuse
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE, urllib.request.urlopen = saved
+
+
 def resolve_weights(explicit: str | None, repo: str, filename: str, what: str, how: str,
                     cache_dir: Path | None = None) -> Path:
-    """An explicit path (must exist), else ``cache_dir/filename``, else the HF hub cache (download when online)."""
+    """An explicit path (must exist), else ``cache_dir/filename``, else the HF hub cache (downloaded there only
+    when the user opted in: ``downloads_allowed()``)."""
     if explicit is not None:
         p = Path(explicit).expanduser()
         if not p.exists():
@@ -166,10 +205,10 @@ def resolve_weights(explicit: str | None, repo: str, filename: str, what: str, h
     from huggingface_hub import hf_hub_download
 
     try:
-        return Path(hf_hub_download(repo, filename, local_files_only=offline()))
+        return Path(hf_hub_download(repo, filename, local_files_only=not downloads_allowed()))
     except Exception as e:
         raise MissingWeightsError(
-            f"{what} ({repo}/{filename}) is not available locally ({type(e).__name__}); {how}"
+            f"{what} ({repo}/{filename}) is not available locally ({type(e).__name__}); {how}, {HOW_TO_DOWNLOAD}"
         ) from e
 
 

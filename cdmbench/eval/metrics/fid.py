@@ -29,7 +29,8 @@ from cdmbench.eval.metrics.base import (
     MetricResult,
     PromptLike,
     check_batch,
-    offline,
+    HOW_TO_DOWNLOAD,
+    downloads_allowed,
     to_uint8_hwc,
 )
 from cdmbench.types import Evaluators
@@ -215,21 +216,35 @@ class CleanInceptionFeatures:
         return self.model(x).float().cpu()
 
 
-def _inception_cache_dir() -> Path:
-    # clean-fid's own download location (cleanfid.features.feature_extractor), so one copy is shared
-    import platform
+INCEPTION_SHA256_ENV = "CDMBENCH_INCEPTION_SHA256"
 
-    return Path("./") if platform.system() == "Windows" else Path("/tmp")
+
+def _inception_cache_dir() -> Path:
+    """cdmbench's own cache of the Inception file (``$XDG_CACHE_HOME/cdmbench`` or ``~/.cache/cdmbench``): never a
+    shared folder such as clean-fid's ``/tmp``, where anyone could leave a TorchScript file for us to run."""
+    import os
+
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cdmbench"
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _download_inception(dest: Path) -> None:
-    from cdmbench.io import atomic_path
+    from cdmbench.io import atomic_path, write_text
     from cleanfid.downloads_helper import inception_url
 
     how = f"download {inception_url} and pass inception_path= or set ${INCEPTION_ENV}"
-    if offline():
+    if not downloads_allowed():
         raise MissingWeightsError(
-            f"clean-fid Inception weights {INCEPTION_FILE} are not cached (HF_HUB_OFFLINE=1): {how}"
+            f"clean-fid Inception weights {INCEPTION_FILE} are not cached in {dest.parent}: {how}, {HOW_TO_DOWNLOAD}"
         )
     try:
         with urllib.request.urlopen(inception_url, timeout=60) as r, atomic_path(dest) as tmp:
@@ -238,11 +253,37 @@ def _download_inception(dest: Path) -> None:
         raise MissingWeightsError(
             f"could not download clean-fid Inception weights {INCEPTION_FILE} ({e}); {how}"
         ) from e
+    write_text(dest.with_name(dest.name + ".sha256"), _sha256(dest) + "\n")  # checked before every load
+
+
+def check_inception_file(file: Path, trusted_dir: bool) -> None:
+    """Before ``torch.jit.load`` runs a TorchScript file: it must be a regular file of this user (or root) that
+    no one else may write, and match its expected sha256 — ``$CDMBENCH_INCEPTION_SHA256`` if set, else the
+    ``.sha256`` recorded beside it at download (required in cdmbench's cache, ``trusted_dir``=False there)."""
+    import os
+    import stat
+
+    st = file.stat()
+    if not stat.S_ISREG(st.st_mode) or st.st_uid not in (os.getuid(), 0) or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise CdmbenchError(f"refusing to load TorchScript {file}: it must be a file owned by you that others "
+                            f"cannot write (chmod go-w it, or pass another inception_path=)")
+    side = file.with_name(file.name + ".sha256")
+    want = os.environ.get(INCEPTION_SHA256_ENV) or (side.read_text().strip() if side.is_file() else None)
+    if want is None:
+        if trusted_dir:
+            return  # a file the user named explicitly, with no recorded hash: their choice
+        raise CdmbenchError(f"{file} has no recorded sha256 ({side.name}); delete it and let cdmbench download "
+                            f"it again, or pass inception_path= (or set ${INCEPTION_SHA256_ENV})")
+    got = _sha256(file)
+    if got != want.lower():
+        raise CdmbenchError(f"{file} does not match its expected sha256 ({got[:16]}… ≠ {want[:16]}…); refusing "
+                            f"to load it; delete it or pass another inception_path=")
 
 
 def load_clean_inception(path: str | Path | None = None, device: str | torch.device = "cpu") -> CleanInceptionFeatures:
-    """clean-fid's torchscript Inception from ``path`` (the .pt, or a folder holding it); None → clean-fid's
-    cache (downloaded there once unless HF_HUB_OFFLINE=1)."""
+    """clean-fid's TorchScript Inception from ``path`` (the .pt, or a folder holding it); None → cdmbench's cache
+    (downloaded there once, only when the user opted in). TorchScript is the one weights format cdmbench loads
+    that is not safetensors or ``weights_only``: the file is checked first (``check_inception_file``)."""
     from cleanfid.inception_torchscript import InceptionV3W
 
     if path is None:
@@ -259,6 +300,7 @@ def load_clean_inception(path: str | Path | None = None, device: str | torch.dev
                 f"clean-fid Inception weights {INCEPTION_FILE} not found at {p}; "
                 f"pass inception_path= (the .pt or its folder) or set ${INCEPTION_ENV}"
             )
+    check_inception_file(folder / INCEPTION_FILE, trusted_dir=path is not None)
     model = InceptionV3W(str(folder), download=False, resize_inside=False).to(device).eval()
     return CleanInceptionFeatures(model, device)
 
@@ -295,6 +337,7 @@ class FID(Metric):
         self.feat_sum = torch.zeros(f, dtype=torch.float64)
         self.feat_outer_sum = torch.zeros(f, f, dtype=torch.float64)
         self.count = 0
+        self._features: list[torch.Tensor] = []  # per-image features, kept for resampling (eval/items.py)
 
     @torch.no_grad()
     def update(self, images: torch.Tensor, prompts: Sequence[PromptLike]) -> None:
@@ -310,6 +353,13 @@ class FID(Metric):
         self.feat_sum += f.sum(dim=0)
         self.feat_outer_sum += f.T @ f
         self.count += f.shape[0]
+        self._features.append(f)
+
+    def item_features(self) -> np.ndarray:
+        """(n, F) float64 features of the images seen by this instance's ``update`` calls, in order."""
+        if not self._features:
+            raise CdmbenchError("FID.item_features called before any update")
+        return torch.cat(self._features).numpy()
 
     def stats(self) -> tuple[np.ndarray, np.ndarray]:
         """(mu, sigma) of the images seen so far (unbiased covariance, as np.cov)."""

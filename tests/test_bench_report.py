@@ -1,0 +1,130 @@
+"""The verdict report from synthetic rows and per-item data: seeds aggregated, paired verdicts, compact
+ranks, compute table, header facts, hidden n/a metrics, empty-cell reasons once; bench run naming."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+
+from cdmbench.eval.items import load_items, save_items  # noqa: E402
+from cdmbench.eval.metrics.base import MetricResult  # noqa: E402
+from cdmbench.eval.results import append_rows  # noqa: E402
+from cdmbench.reports import build_report  # noqa: E402
+from cdmbench.reports.aggregate import aggregate  # noqa: E402
+from cdmbench.reports.tables import load_results  # noqa: E402
+
+ITEMS = [(f"p{i}", s) for i in range(40) for s in range(2)]  # 80 items
+NAN = float("nan")
+
+
+class FakeMetric:
+    def __init__(self, name, protocol):
+        self.name, self.protocol = name, protocol
+
+
+def row(run, method, steps, value, seed, *, status="ok", metric="acc", tflops=1.0, step=8, ckpt="abc"):
+    return {"run": run, "method": method, "arch": "toy", "steps": steps, "metric": metric, "value": value,
+            "ci_low": NAN, "ci_high": NAN, "n": len(ITEMS), "higher_is_better": True,
+            "protocol": f"{metric}|v1" if status == "ok" else "", "nfe": steps, "sigmas_nominal": [1.0],
+            "sigmas_effective": [1.0], "guidance": 1.0, "checkpoint": f"step sha256:{ckpt * 4}",
+            "timestamp": "2026-12-01T00:00:00", "status": status, "train_seed": seed, "train_step": step,
+            "train_tflops": tflops, "train_teacher_fwd": 100, "train_minutes": 0.5, "global_batch": 16}
+
+
+@pytest.fixture
+def eval_dir(tmp_path):
+    """good > same == twin at 1 step (2 seeds each); 'dmdlike' skipped at 2 steps; an n/a metric; a
+    teacher row; an older checkpoint of 'good' for the curve."""
+    rng = np.random.default_rng(0)
+    base = rng.normal(0.5, 0.2, len(ITEMS))
+    rows = []
+    for seed in (0, 1):
+        for run_method, shift in (("good", 0.2), ("same", 0.0), ("twin", 0.0)):
+            run = f"{run_method}-toy-s{seed}"
+            values = base + shift + rng.normal(0, 0.01, len(ITEMS))
+            save_items(tmp_path, run, 1, FakeMetric("acc", "acc|v1"), MetricResult(values.mean(), values, len(ITEMS)),
+                       ITEMS, "abc" * 4 + "0" * 52)
+            rows.append(row(run, run_method, 1, values.mean(), seed, tflops=2.0 if run_method == "good" else 1.0))
+            rows.append(row(run, run_method, 1, NAN, seed, status="not_applicable: natural images only", metric="hps"))
+            rows.append(row(run, run_method, 2, NAN, seed, status=f"skipped: {run_method} cannot sample with 2 steps"))
+        rows.append(row(f"good-toy-s{seed}", "good", 1, 0.3, seed, tflops=1.0, step=4))  # older checkpoint: no items
+    t = base + 0.1
+    for steps in (1, 28):
+        save_items(tmp_path, "teacher-toy", steps, FakeMetric("acc", "acc|v1"), MetricResult(t.mean(), t, len(ITEMS)),
+                   ITEMS, "abc" * 4 + "0" * 52)
+        rows.append({**row("teacher-toy", "teacher", steps, t.mean(), None), "train_step": None, "train_tflops": None,
+                     "train_teacher_fwd": None, "train_minutes": None, "global_batch": None})
+    append_rows(tmp_path / "results.csv", rows)
+    (tmp_path / "eval_config.json").write_text('{"prompts": "toy", "seeds": [0, 1], "num_prompts_used": {"toy": 40}}')
+    return tmp_path
+
+
+def test_items_round_trip(tmp_path):
+    v = np.arange(len(ITEMS), dtype=float)
+    save_items(tmp_path, "r", 1, FakeMetric("acc", "acc|v1"), MetricResult(v.mean(), v, len(ITEMS)), ITEMS, "h")
+    it = load_items(tmp_path, "r", 1, "acc")
+    assert it.items == tuple(ITEMS) and (it.data == v).all() and it.statistic == "mean" and it.checkpoint == "h"
+    assert load_items(tmp_path, "r", 2, "acc") is None
+
+
+def test_aggregate_cells_pairs_and_ranks(eval_dir):
+    agg = aggregate(load_results(eval_dir / "results.csv"), eval_dir)
+    c = agg.cells.set_index(["label", "steps", "metric"])
+    assert c.loc[("good", 1, "acc"), "n_seeds"] == 2 and c.loc[("good", 1, "acc"), "interval"] == "hierarchical bootstrap"
+    assert c.loc[("good", 1, "acc"), "train_tflops"] == 2.0  # the latest checkpoint, not the older one
+    p = agg.pairs.set_index(["a", "b"])
+    assert p.loc[("good", "same"), "verdict"] == "better" and p.loc[("same", "twin"), "verdict"] == "tie"
+    assert p.loc[("good", "same"), "diff"] == pytest.approx(0.2, abs=0.01)
+    ranks = agg.ranks.set_index("label")["rank"].to_dict()
+    assert ranks == {"good": 1, "same": 2, "twin": 2}  # teacher: never ranked
+    curve = agg.curves[agg.curves["label"] == "good"]
+    assert list(curve["train_step"]) == [4, 8] and list(curve["train_tflops"]) == [1.0, 2.0]
+
+
+def test_report_sections(eval_dir, tmp_path):
+    report = build_report(eval_dir / "results.csv", tmp_path / "rep", argv=["cdmbench", "report"])
+    text = report.read_text()
+    assert "| **command** | cdmbench report |" in text
+    assert "| **training seeds** | 0-1 |" in text and "| **global batch** | 16 |" in text
+    assert "| **k (training seeds per cell)** | 2 |" in text and "(k=1)" not in text
+    assert "| **prompt set** | toy: 40 prompts |" in text and "| **seeds per prompt** | 0-1 |" in text
+    assert "hps" not in text  # not applicable anywhere on the toy: hidden
+    assert text.count("cannot sample with 2 steps") == 3  # once per method, not under every table
+    assert "| good vs same | ▲ +0.2" in text and "| same vs twin | = " in text
+    assert "| good | 1 (" in text and "| teacher | ref (" in text
+    assert "### Training compute" in text and "| good | 1 | good-toy-s0, good-toy-s1 | 2 | 8 | 2 |" in text
+    assert "| good | 1 | 1 | **0.7" in text  # bold = rank 1
+    for f in ("results.csv", "tables/pairs.csv", "tables/ranks.csv", "tables/cells.csv", "plots/toy_acc_vs_compute.png"):
+        assert (tmp_path / "rep" / f).is_file(), f
+    assert len(pd.read_csv(tmp_path / "rep" / "results.csv")) == len(pd.read_csv(eval_dir / "results.csv"))
+
+
+def test_small_n_warning(eval_dir, tmp_path):
+    text = build_report(eval_dir / "results.csv", tmp_path / "rep").read_text()
+    assert "warning" not in text  # 80 items: enough for a per-image mean
+    df = pd.read_csv(eval_dir / "results.csv")
+    df["n"] = 10
+    df.to_csv(eval_dir / "small.csv", index=False)
+    text = build_report(eval_dir / "small.csv", tmp_path / "rep2").read_text()
+    assert "acc at n = 10 < 30" in text
+
+
+def test_bench_runs_one_per_seed_and_step_count_for_phase_methods():
+    from cdmbench.bench import bench_config, bench_runs
+
+    runs = bench_runs("toy", ["dmd2", "cd"], [1, 2, 4], [0, 1], {"train.steps": "40"})
+    names = [r.name for r in runs]
+    assert names == ["dmd2-toy-s0", "dmd2-toy-s1", "cd-toy-phases1-s0", "cd-toy-phases2-s0", "cd-toy-phases4-s0",
+                     "cd-toy-phases1-s1", "cd-toy-phases2-s1", "cd-toy-phases4-s1"]
+    cfg = bench_config(runs[3], "toy")
+    assert cfg.method_config.phases == 2 and cfg.train.seed == 0 and cfg.train.steps == 40
+    assert cfg.train.checkpoint_every == 10 and cfg.train.keep_checkpoints == 4
+
+
+def test_matched_reference_is_the_cheapest_method():
+    from cdmbench.bench import matched_reference
+
+    assert matched_reference({"cdm": [3.0, 3.2], "dmd2": [1.0, 1.2], "cd": [2.0]}) == ("dmd2", pytest.approx(1.1))
