@@ -58,15 +58,17 @@ def bench_runs(arch: str, names: list[str], steps: list[int], train_seeds: list[
     return runs
 
 
-def bench_config(run: BenchRun, arch: str):
-    """The run's resolved config: preset × overrides, checkpoints every steps/4 iterations, 4 kept."""
+def bench_config(run: BenchRun, arch: str, curve_checkpoints: int = CURVE_CHECKPOINTS):
+    """The run's resolved config: preset × overrides, ``curve_checkpoints`` evenly spaced checkpoints kept."""
     from cdmbench.train import resolve_config
 
+    if not isinstance(curve_checkpoints, int) or curve_checkpoints < 1:
+        raise CdmbenchError(f"curve_checkpoints must be a positive integer, got {curve_checkpoints!r}")
     over = dict(run.overrides)
     cfg = resolve_config(run.method, arch, over)
     if "train.checkpoint_every" not in over:
-        over["train.checkpoint_every"] = str(max(1, math.ceil(cfg.train.steps / CURVE_CHECKPOINTS)))
-    over.setdefault("train.keep_checkpoints", str(CURVE_CHECKPOINTS))
+        over["train.checkpoint_every"] = str(max(1, math.ceil(cfg.train.steps / curve_checkpoints)))
+    over.setdefault("train.keep_checkpoints", str(curve_checkpoints))
     return resolve_config(run.method, arch, over)
 
 
@@ -82,6 +84,7 @@ def run_bench(
     train_seeds: list[int] = (0,),
     match_compute: bool = False,
     overrides: dict[str, str] | None = None,
+    curve_checkpoints: int = CURVE_CHECKPOINTS,
     num_prompts: int | None = None,
     teacher_steps: tuple[int, ...] | None = None,
     metrics: tuple[str, ...] | None = None,
@@ -100,6 +103,7 @@ def run_bench(
         train_seeds: training seeds (one run per method and seed).
         match_compute: also train/evaluate every method at the same compute (see the module docstring).
         overrides: ``--set`` overrides applied to every run (e.g. ``train.steps=40`` for a quick bench).
+        curve_checkpoints: checkpoints kept and evaluated per run (the learning curve's points).
         num_prompts, teacher_steps, metrics: narrow the eval (``EvalConfig`` fields); None = its defaults.
         progress: progress bars.
 
@@ -118,7 +122,7 @@ def run_bench(
     if not train_seeds or len(set(train_seeds)) != len(train_seeds) or min(train_seeds) < 0:
         raise CdmbenchError(f"train_seeds: expected distinct integers >= 0, got {list(train_seeds)}")
     runs = bench_runs(arch, names, list(steps), list(train_seeds), overrides)
-    configs = {r.name: bench_config(r, arch) for r in runs}  # bad overrides fail before any training
+    configs = {r.name: bench_config(r, arch, curve_checkpoints) for r in runs}  # bad overrides fail before any training
     workspace, out = Path(workspace), Path(out)
     started = time.time()
     trained = {r.name: train_or_keep(configs[r.name], workspace / "runs" / r.name, progress) for r in runs}
@@ -221,7 +225,7 @@ def fork_at_budget(src: Path, dst: Path, cfg, budget: float, progress: bool = Tr
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns(CKPT_DIR, "done.json", "tensorboard"))
     shutil.copytree(start, dst / CKPT_DIR / start.name)
     write_text(dst / CKPT_DIR / "latest", start.name + "\n")
-    train(cfg, dst, resume=True, progress=progress)
+    train(cfg, dst, resume=True, force=True, progress=progress)  # only the budget differs (a safe change)
 
 
 def _match_compute(arch, runs, configs, workspace: Path, eval_cfg, progress):

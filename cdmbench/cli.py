@@ -282,6 +282,7 @@ def bench(
     match_compute: bool = typer.Option(False, "--match-compute", help="Also compare every method at the compute of the cheapest one."),
     set_: List[str] = typer.Option([], "--set", help="Override a setting of every run: key=value (e.g. train.steps=40)."),
     num_prompts: Optional[int] = typer.Option(None, "--num-prompts", help="Evaluate the first N prompts."),
+    curve_checkpoints: int = typer.Option(4, "--curve-checkpoints", help="Checkpoints kept and evaluated per run (learning-curve points)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ):
     """Train every method at its default budget (finished runs are kept), evaluate every kept checkpoint,
@@ -304,7 +305,8 @@ def bench(
     check_writable_dir(out, "--out")
     path = run_bench(arch.value, names, step_list, workspace, out, seeds=seed_list, argv=sys.argv,
                      train_seeds=parse_int_list(train_seeds, name="train-seeds"), match_compute=match_compute,
-                     overrides=parse_overrides(set_), num_prompts=num_prompts, progress=not quiet)
+                     overrides=parse_overrides(set_), curve_checkpoints=curve_checkpoints, num_prompts=num_prompts,
+                     progress=not quiet)
     typer.echo(f"report: {path}")
 
 
@@ -344,10 +346,12 @@ def list_metrics():
 @friendly
 def toy_train_teacher(
     out: Path = typer.Option(..., "--out", help="Where to write the teacher safetensors."),
+    vae: Optional[Path] = typer.Option(None, "--vae", help="The toy VAE file (`cdmbench toy train-vae`), required; embedded in the teacher file."),
     steps: int = typer.Option(8000, "--steps"),
     seed: int = typer.Option(0, "--seed"),
     lr: float = typer.Option(1e-3, "--lr"),
-    init: Optional[Path] = typer.Option(None, "--init", help="Continue from this teacher file."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Warm-start from this teacher file (tensors of matching shape)."),
+    save_every: int = typer.Option(0, "--save-every", help="Also write --out every N steps (0: at the end only)."),
 ):
     """Reproduce the shipped toy teacher from a seed (see cdmbench/toy/train_teacher.py)."""
     import math
@@ -355,7 +359,7 @@ def toy_train_teacher(
     from cdmbench.paths import MAX_INT, MAX_TRAIN_STEPS, check_count, check_writable_dir
     from cdmbench.toy.train_teacher import train_teacher
 
-    check_count(steps, "--steps", maximum=MAX_TRAIN_STEPS)
+    check_count(steps, "--steps", minimum=0 if init is not None else 1, maximum=MAX_TRAIN_STEPS)  # 0: re-pack --init with --vae
     check_count(seed, "--seed", minimum=0, maximum=MAX_INT)
     if not (math.isfinite(lr) and lr > 0):
         raise CdmbenchError(f"--lr must be a positive number, got {lr}")
@@ -364,8 +368,45 @@ def toy_train_teacher(
     if out.is_dir():
         raise CdmbenchError(f"--out {out} is a folder; pass the teacher's .safetensors file path")
     check_writable_dir(out.parent, "--out")
+    if vae is None or not vae.is_file():
+        raise CdmbenchError(f"--vae: {'required' if vae is None else f'no toy VAE file at {vae}'}; "
+                            f"build one with `cdmbench toy train-vae`")
 
-    typer.echo(json.dumps(train_teacher(out, steps=steps, seed=seed, lr=lr, init=init), indent=2))
+    typer.echo(json.dumps(train_teacher(out, vae, steps=steps, seed=seed, lr=lr, init=init, save_every=save_every),
+                          indent=2, default=str))
+
+
+@toy_app.command("train-vae")
+@friendly
+def toy_train_vae(
+    out: Path = typer.Option(..., "--out", help="Where to write the VAE safetensors."),
+    steps: int = typer.Option(2000, "--steps"),
+    seed: int = typer.Option(0, "--seed"),
+    latent_channels: int = typer.Option(8, "--latent-channels"),
+    lr: float = typer.Option(2e-3, "--lr"),
+    init: Optional[Path] = typer.Option(None, "--init", help="Continue from this VAE file."),
+    decoder_only: bool = typer.Option(False, "--decoder-only", help="With --init: fine-tune the decoder only (the latent space stays)."),
+):
+    """Reproduce the toy VAE (the teacher's latent space) from a seed (see cdmbench/toy/vae.py)."""
+    import math
+
+    from cdmbench.paths import MAX_INT, MAX_TRAIN_STEPS, check_count, check_writable_dir
+    from cdmbench.toy.vae import ToyVAEArch, train_vae
+
+    check_count(steps, "--steps", maximum=MAX_TRAIN_STEPS)
+    check_count(seed, "--seed", minimum=0, maximum=MAX_INT)
+    check_count(latent_channels, "--latent-channels", maximum=64)
+    if not (math.isfinite(lr) and lr > 0):
+        raise CdmbenchError(f"--lr must be a positive number, got {lr}")
+    if init is not None and not init.is_file():
+        raise CdmbenchError(f"--init: no toy VAE file at {init}")
+    if decoder_only and init is None:
+        raise CdmbenchError("--decoder-only needs --init FILE (the VAE whose encoder is kept)")
+    if out.is_dir():
+        raise CdmbenchError(f"--out {out} is a folder; pass the VAE's .safetensors file path")
+    check_writable_dir(out.parent, "--out")
+    arch = ToyVAEArch(latent_channels=latent_channels)
+    typer.echo(json.dumps(train_vae(out, steps=steps, seed=seed, lr=lr, arch=arch, init=init, decoder_only=decoder_only), indent=2))
 
 
 @toy_app.command("train-evaluators")

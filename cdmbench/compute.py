@@ -11,8 +11,9 @@ loop names) and counts, per role:
   GAN head on student samples) counts too: its activations are back-propagated.
 
 FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` (matmul/convolution/attention FLOPs, forward
-and backward; element-wise ops are not counted) on *measured iterations*: the first iteration, and any
-later one until every role that ran has a measured cost. During a measured iteration each forward call is
+and backward; element-wise ops are not counted) on *measured iterations*: the first iteration, the first one
+in which each network the method steps (``optimizers_for``) steps, and any later one until every role that
+ran has a measured cost. During a measured iteration each forward call is
 bracketed (its FLOPs / its samples = the role's forward FLOPs per sample) and each backward call of the
 loop (``meter.backward()``) too; a backward's FLOPs are split over the roles that received gradients in
 it, in proportion to their forward FLOPs of those samples. The run's FLOPs are then
@@ -31,7 +32,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -177,9 +178,12 @@ class ComputeMeter:
                 or (self.counts[r]["bwd_samples"] and self.bwd_flops[r] is None)]
 
     @contextmanager
-    def iteration(self, step: int) -> Iterator[None]:
-        """Wrap one training iteration (counted; FLOP-measured when ``needs_measuring()``; timed otherwise)."""
-        measure = self.needs_measuring()
+    def iteration(self, step: int, stepping: Iterable[str] = ()) -> Iterator[None]:
+        """Wrap one training iteration (counted; FLOP-measured when ``needs_measuring()`` or when a network in
+        ``stepping`` — the method's ``optimizers_for(step)`` — has no measured backward cost yet; timed
+        otherwise)."""
+        measure = self.needs_measuring() or (len(self.measured) < MAX_MEASURED and any(
+            self.bwd_flops.get(n, 0.0) is None for n in stepping))
         before = {r: dict(c) for r, c in self.counts.items()}
         t0 = time.perf_counter()
         if measure:

@@ -6,7 +6,7 @@
 - A folder with checkpoints is continued only with ``--resume``, and only with the saved configuration:
   the method, backbone and every field of the method, training and backbone configs are compared, and a
   difference is one line listing all of them. ``--force`` accepts the differences that do not change what
-  is being trained (``SAFE_TO_CHANGE``: the step budget, logging and checkpoint cadence, the device).
+  is being trained (``SAFE_TO_CHANGE``: the step or compute budget, logging and checkpoint cadence, the device).
 - Nothing here writes: ``check_start`` only decides; ``begin`` (called once training can start) clears a dead
   start's leftovers.
 """
@@ -27,7 +27,8 @@ logger = logging.getLogger(__name__)
 CONFIG = "config.json"
 FINISHED = "done.json"
 # Keys ("group.field") whose change on --resume --force keeps the run the same run.
-SAFE_TO_CHANGE = frozenset({"train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+SAFE_TO_CHANGE = frozenset({"train.steps", "train.budget_tflops", "train.log_every", "train.checkpoint_every",
+                            "train.keep_checkpoints",
                             "train.data_cache", "backbone.device"})
 _NOT_COMPARED = frozenset({"cdmbench_version", "torch", "world_size", "as_run"})  # facts, not settings
 _LEFTOVERS = ("metrics.csv", "tensorboard", CKPT_DIR, FINISHED)  # what a dead start may have left

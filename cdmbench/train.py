@@ -424,7 +424,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, force: b
                 break
             expected = set(method.optimizers_for(step))
             grad_norms: dict[str, float] = {}
-            with meter.iteration(step):  # every micro-batch, prompt encoding included (a text encoder is a role)
+            with meter.iteration(step, expected):  # every micro-batch, prompt encoding included
                 for micro in range(tc.grad_accum):  # micro-batches; each network steps after the last one
                     batch_prompts = prompts(step, tc.batch_size, micro)
                     batch = Batch(batch_prompts, backbone.encode_prompts(batch_prompts),

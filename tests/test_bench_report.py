@@ -122,6 +122,8 @@ def test_bench_runs_one_per_seed_and_step_count_for_phase_methods():
     cfg = bench_config(runs[3], "toy")
     assert cfg.method_config.phases == 2 and cfg.train.seed == 0 and cfg.train.steps == 40
     assert cfg.train.checkpoint_every == 10 and cfg.train.keep_checkpoints == 4
+    three = bench_config(runs[3], "toy", curve_checkpoints=3)
+    assert three.train.checkpoint_every == 14 and three.train.keep_checkpoints == 3
 
 
 def test_matched_reference_is_the_cheapest_method():

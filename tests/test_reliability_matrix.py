@@ -15,6 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cdmbench.cli import app
+from cdmbench.eval.results import RESULT_COLUMNS
 
 runner = CliRunner()
 RUN = "dmd2-toy"  # the trained run's name
@@ -64,9 +65,9 @@ def _all(*fns):
 
 CK = f"runs/{RUN}/checkpoints"
 LAST = f"{CK}/step_0000002"
-HEADER = ("run,method,arch,steps,metric,value,ci_low,ci_high,n,higher_is_better,protocol,nfe,sigmas_nominal,"
-          "sigmas_effective,guidance,checkpoint,timestamp,status")
-ROW = 'a,cdm,toy,1,fid,1.5,nan,nan,10,False,p,1,"[1.0]","[1.0]",1.0,ck,t,ok'
+HEADER = ",".join(RESULT_COLUMNS)
+# the first 18 columns; the training-cost ones after them are left empty
+ROW = 'a,cdm,toy,1,fid,1.5,nan,nan,10,False,p,1,"[1.0]","[1.0]",1.0,ck,t,ok' + "," * (len(RESULT_COLUMNS) - 18)
 TRAIN = ["train", "dmd2", "--quiet", "--workspace", "{ws}"]
 EVAL = ["eval", "--workspace", "{ws}", "--quiet", "--arch", "toy", "--prompts", "toy"]
 EVAL_RUN = ["eval", "--workspace", "{ws}", "--quiet", "--runs", RUN, "--no-teacher", "--prompts", "toy",
@@ -227,7 +228,7 @@ case("report/non-numeric", *REPORT, setup=_results(f"{HEADER}\n{ROW.replace('1.5
      match="line 2: column 'value'")
 case("report/non-numeric-steps", *REPORT, setup=_results(f"{HEADER}\n{ROW.replace('toy,1,', 'toy,one,')}\n"),
      match="line 2: column 'steps'")
-case("report/bad-status", *REPORT, setup=_results(f"{HEADER}\n{ROW.replace(',ok', ',great')}\n"),
+case("report/bad-status", *REPORT, setup=_results(f"{HEADER}\n{ROW.replace(',ok,', ',great,')}\n"),
      match="line 2: status")
 case("report/other-columns", *REPORT, setup=_results("a,b\n1,2\n"), match="result columns")
 case("report/extra-field", *REPORT, setup=_results(f"{HEADER}\n{ROW}\n{ROW},x,y\n"), match="results file")
@@ -286,6 +287,11 @@ case("toy/teacher-out-is-a-folder", "toy", "train-teacher", "--out", "{tmp}", ma
 case("toy/teacher-out-under-a-file", "toy", "train-teacher", "--out", "{tmp}/afile/t.safetensors",
      match="not a folder")
 case("toy/teacher-no-out", "toy", "train-teacher", match="--out")
+case("toy/teacher-no-vae", *T, match="--vae: required")
+case("toy/teacher-vae-missing", *T, "--vae", "/nonexistent/vae.safetensors", match="--vae")
+case("toy/vae-steps=0", "toy", "train-vae", "--out", "{tmp}/v.safetensors", "--steps", "0", match="--steps")
+case("toy/vae-decoder-only-without-init", "toy", "train-vae", "--out", "{tmp}/v.safetensors", "--decoder-only",
+     match="--decoder-only")
 case("toy/evaluators-out-is-a-file", "toy", "train-evaluators", "--out-dir", "{tmp}/afile", match="not a folder")
 case("toy/evaluators-seed", "toy", "train-evaluators", "--out-dir", "{tmp}/ev", "--seed", "-2", match="--seed")
 case("toy/unknown-command", "toy", "nope", match="No such command")

@@ -1,8 +1,11 @@
-"""The embedded toy backbone: a micro SD3-family MMDiT in 32×32 pixel space with a tiny CLIP text
-encoder, trained by the project on procedural shapes and shipped as package data.
+"""The embedded toy backbone: a micro SD3-family MMDiT over the 8×8×4 latents of a tiny VAE (diffusers
+``AutoencoderKL``, 32×32 RGB) with a tiny CLIP text encoder, all trained by the project on procedural
+shapes and shipped as package data (one file).
 
 Same conventions as the SD3 adapter: ``timestep = 1000·σ``, per-token + pooled text conditioning,
-uncond = encoding of "", static scheduler shift 3.0 (like SD3-Medium). Pixels live in [−1, 1].
+uncond = encoding of "", static scheduler shift 3.0 (like SD3-Medium), and latents decoded as
+``vae.decode(latents / scaling_factor + shift_factor)`` (cdm.md §1). A teacher file without a VAE
+(the pixel-space teachers before v3) runs in pixel space, pixels in [−1, 1].
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import json
 from importlib import resources
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -26,11 +30,19 @@ def default_teacher_path() -> Path:
     return Path(str(resources.files("cdmbench") / "assets" / TEACHER_ASSET))
 
 
-def load_toy_weights(path: Path):
-    """(tokenizer, text encoder, transformer, training record) from a toy teacher file."""
+class ToyWeights(NamedTuple):
+    tokenizer: Any
+    text_encoder: nn.Module
+    transformer: nn.Module
+    vae: nn.Module | None  # None: a pixel-space teacher (before v3)
+    record: dict
+
+
+def load_toy_weights(path: Path) -> ToyWeights:
+    """Tokenizer, text encoder, transformer, VAE and training record from a toy teacher file."""
     from safetensors import safe_open
 
-    from cdmbench.toy.models import ToyArch, build_text_encoder, build_tokenizer, build_transformer
+    from cdmbench.toy.models import arch_from_record, build_text_encoder, build_tokenizer, build_transformer
 
     if not path.is_file():
         raise MissingWeightsError(
@@ -40,17 +52,22 @@ def load_toy_weights(path: Path):
     with safe_open(str(path), "pt") as f:
         record = json.loads((f.metadata() or {}).get("cdmbench", "{}"))
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    arch = ToyArch(**record.get("arch", {}))
+    arch = arch_from_record(record)
     text, net = build_text_encoder(arch), build_transformer(arch)
     for prefix, module in (("text_encoder.", text), ("transformer.", net)):
         sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         module.load_state_dict(sd, strict=True)
-    return build_tokenizer(), text, net, record
+    vae = None
+    if "vae" in record:
+        from cdmbench.toy.vae import vae_from_tensors
+
+        vae = vae_from_tensors(tensors, record["vae"], prefix="vae.")
+    return ToyWeights(build_tokenizer(), text, net, vae, record)
 
 
 @BACKBONES.register("toy")
 class ToyBackbone(Backbone):
-    """Micro SD3 (MMDiT) teacher on 32×32 RGB shapes; runs everything on a CPU."""
+    """Micro SD3 (MMDiT) teacher on toy-VAE latents of 32×32 RGB shapes; runs everything on a CPU."""
 
     shift = 3.0
     default_guidance = 4.0
@@ -64,11 +81,12 @@ class ToyBackbone(Backbone):
         if options.allow_remote_code:
             raise CdmbenchError("the toy backbone has no remote code; drop allow_remote_code")
         self.weights_path = Path(options.model) if options.model else default_teacher_path()
-        self.tokenizer, text, net, self.record = load_toy_weights(self.weights_path)
+        self.tokenizer, text, net, vae, self.record = load_toy_weights(self.weights_path)
         if options.dtype != "float32":
             text, net = text.to(options.torch_dtype), net.to(options.torch_dtype)
         self.text_encoder = text.to(self.device).eval().requires_grad_(False)
         self._teacher = net.to(self.device).eval().requires_grad_(False)
+        self.vae = None if vae is None else vae.to(self.device).eval().requires_grad_(False)  # float32
 
     @property
     def teacher(self) -> nn.Module:
@@ -76,7 +94,8 @@ class ToyBackbone(Backbone):
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
-        return (3, 32, 32)
+        cfg = self._teacher.config
+        return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Cond:
@@ -94,7 +113,23 @@ class ToyBackbone(Backbone):
         )[0]
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return ((latents.float() + 1) / 2).clamp(0, 1)
+        """``vae.decode(latents / scaling_factor + shift_factor)`` as the SD3 adapter; differentiable in the
+        latents (DMD's regression distance backpropagates through it)."""
+        if self.vae is None:
+            return ((latents.float() + 1) / 2).clamp(0, 1)
+        from cdmbench.toy.vae import decode_latents
+
+        return decode_latents(self.vae, latents.float())
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] → latents (z − shift_factor) · scaling_factor with z the posterior mean, as the SD3
+        adapter's ``_vae_encode`` (the inverse convention of ``decode``)."""
+        if self.vae is None:
+            return images.float() * 2 - 1  # pixel space: latents are the images in [−1, 1]
+        from cdmbench.toy.vae import encode_latents
+
+        return encode_latents(self.vae, images.float().to(self.device))
 
     def train_prompts(self, n: int, generator: torch.Generator) -> list[str]:
         from cdmbench.toy.shapes import random_captions
@@ -111,10 +146,9 @@ class ToyBackbone(Backbone):
 
     @property
     def image_resolution(self) -> int:
-        return self.latent_shape[-1]
+        from cdmbench.toy.shapes import RESOLUTION
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        return images.float() * 2 - 1  # pixel space: latents are the images in [−1, 1]
+        return RESOLUTION
 
     def data_source(self, *, seed: int, process_index: int = 0):
         from cdmbench.data import ProceduralSource
@@ -165,4 +199,6 @@ class ToyBackbone(Backbone):
         return [Prompt(p.id, p.text, {**p.meta, ATTRS: a}) for p, a in zip(prompts, attrs)]
 
     def describe(self) -> dict:
-        return {**super().describe(), "model": str(self.weights_path.name if not self.options.model else self.options.model)}
+        vae = None if self.vae is None else {k: self.record["vae"][k] for k in ("scaling_factor", "shift_factor", "arch", "seed", "steps")}
+        return {**super().describe(), "model": str(self.weights_path.name if not self.options.model else self.options.model),
+                "teacher_version": self.record.get("version", "toy-teacher-v2"), "vae": vae}

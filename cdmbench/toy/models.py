@@ -1,5 +1,6 @@
 """The toy backbone's networks: a word-level tokenizer over the shapes grammar, a tiny CLIP text
-encoder (transformers) and a micro SD3 MMDiT (diffusers ``SD3Transformer2DModel``) in pixel space.
+encoder (transformers) and a micro SD3 MMDiT (diffusers ``SD3Transformer2DModel``) over the latents of
+the toy VAE (``cdmbench.toy.vae``; teachers before v3 ran in 32×32 pixel space).
 
 The teacher is a real member of the SD3 family — same transformer class, same conditioning
 (per-token embeddings + pooled projection), same ``timestep = 1000·σ`` convention — only tiny.
@@ -19,14 +20,20 @@ MAX_TOKENS = 12
 
 @dataclass(frozen=True)
 class ToyArch:
-    """Sizes of the toy teacher (defaults are the shipped teacher)."""
+    """Sizes of the toy teacher (defaults are the latent teacher, v3)."""
 
     text_width: int = 64  # CLIP text hidden size = SD3 joint_attention_dim = pooled_projection_dim
     text_layers: int = 2
-    patch_size: int = 4  # 32x32 pixels -> 8x8 = 64 image tokens
+    patch_size: int = 1  # 8x8 latents -> 64 image tokens (the pixel teacher: patch 4 on 32x32)
     heads: int = 4
     head_dim: int = 32  # transformer width = heads * head_dim
     layers: int = 3
+    in_channels: int = 4  # latent channels of the toy VAE (3: pixels)
+    sample_size: int = 8  # latent side (32: pixels)
+
+
+# What a teacher file written before v3 (pixel space, no VAE) leaves out of its arch record.
+PIXEL_ARCH = {"in_channels": 3, "sample_size": RESOLUTION}
 
 
 def build_tokenizer():
@@ -65,10 +72,10 @@ def build_transformer(arch: ToyArch):
 
     width = arch.heads * arch.head_dim
     return SD3Transformer2DModel(
-        sample_size=RESOLUTION, patch_size=arch.patch_size, in_channels=3, out_channels=3,
-        num_layers=arch.layers, attention_head_dim=arch.head_dim, num_attention_heads=arch.heads,
-        joint_attention_dim=arch.text_width, caption_projection_dim=width,
-        pooled_projection_dim=arch.text_width, pos_embed_max_size=RESOLUTION // arch.patch_size,
+        sample_size=arch.sample_size, patch_size=arch.patch_size, in_channels=arch.in_channels,
+        out_channels=arch.in_channels, num_layers=arch.layers, attention_head_dim=arch.head_dim,
+        num_attention_heads=arch.heads, joint_attention_dim=arch.text_width, caption_projection_dim=width,
+        pooled_projection_dim=arch.text_width, pos_embed_max_size=arch.sample_size // arch.patch_size,
     )
 
 
@@ -82,3 +89,7 @@ def encode_text(tokenizer, text_encoder, prompts: list[str]) -> tuple[torch.Tens
 
 def arch_dict(arch: ToyArch) -> dict:
     return asdict(arch)
+
+
+def arch_from_record(record: dict) -> ToyArch:
+    return ToyArch(**{**PIXEL_ARCH, **record.get("arch", {})}) if "vae" not in record else ToyArch(**record["arch"])

@@ -183,12 +183,16 @@ def no_downloads_unless_allowed():
     def refuse(url, *args, **kwargs):
         raise DownloadBlocked(f"download of {getattr(url, 'full_url', url)} refused: downloads are off")
 
-    saved = constants.HF_HUB_OFFLINE, urllib.request.urlopen
-    constants.HF_HUB_OFFLINE, urllib.request.urlopen = True, refuse
+    import torch.hub
+
+    saved = constants.HF_HUB_OFFLINE, urllib.request.urlopen, torch.hub.urlopen, torch.hub.download_url_to_file
+    # torch.hub (torchvision's and torchmetrics' weights) bound urlopen at import: patched where it is used
+    (constants.HF_HUB_OFFLINE, urllib.request.urlopen, torch.hub.urlopen,
+     torch.hub.download_url_to_file) = True, refuse, refuse, refuse
     try:
         yield
     finally:
-        constants.HF_HUB_OFFLINE, urllib.request.urlopen = saved
+        constants.HF_HUB_OFFLINE, urllib.request.urlopen, torch.hub.urlopen, torch.hub.download_url_to_file = saved
 
 
 def resolve_weights(explicit: str | None, repo: str, filename: str, what: str, how: str,
