@@ -144,15 +144,7 @@ def begin(run_dir: str | Path, plan: StartPlan) -> None:
 
 def read_run_config(run_dir: str | Path):
     """The ``RunConfig`` saved in ``run_dir/config.json``; a missing, partial or invalid one is one
-    ``CorruptStateError`` line naming the file."""
-    from cdmbench.run import RunConfig
+    ``CorruptStateError`` line naming the file (``cdmbench.run.RunDir.config``)."""
+    from cdmbench.run import RunDir
 
-    path = Path(run_dir) / CONFIG
-    fix = "restore it, or delete the run folder and train again"
-    d = read_json(path, what="run config", fix=fix)
-    try:
-        return RunConfig.from_dict(d)
-    except CdmbenchError as e:
-        raise CorruptStateError(f"run config {path} is invalid ({e}); {fix}") from None
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise CorruptStateError(f"run config {path} is incomplete or invalid ({type(e).__name__}: {e}); {fix}") from None
+    return RunDir(run_dir).config()

@@ -149,10 +149,19 @@ class RunDir:
         return read_json(self.path / self.CONFIG, what="run config")
 
     def config(self) -> RunConfig:
-        """The saved config; a missing, partial or invalid one is one ``CorruptStateError`` line."""
-        from cdmbench.resume import read_run_config
+        """The saved config; a missing, partial or invalid one is one ``CorruptStateError`` line naming the file."""
+        from cdmbench.errors import CorruptStateError
 
-        return read_run_config(self.path)
+        path = self.path / self.CONFIG
+        fix = "restore it, or delete the run folder and train again"
+        d = read_json(path, what="run config", fix=fix)
+        try:
+            return RunConfig.from_dict(d)
+        except CdmbenchError as e:
+            raise CorruptStateError(f"run config {path} is invalid ({e}); {fix}") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CorruptStateError(f"run config {path} is incomplete or invalid ({type(e).__name__}: {e}); "
+                                    f"{fix}") from None
 
     def write_config(self, cfg: RunConfig, **extra: Any) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
