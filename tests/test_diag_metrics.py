@@ -9,6 +9,7 @@ from cdmbench.eval.harness import EvalConfig, run_eval
 from cdmbench.eval.metrics import METRICS, build_metric
 from cdmbench.eval.metrics.sets import MetricSkipped
 from cdmbench.eval.results import read_results
+from cdmbench.backbones.toy import ToyBackbone
 from cdmbench.toy import factors, shapes
 
 SEEDS = 5  # the step-sweep default: 5 seeds per prompt
@@ -28,11 +29,10 @@ def prompts():
 
 
 def score(name: str, images: torch.Tensor, prompts, seeds: int = SEEDS):
-    m = build_metric(name, "toy")
-    texts = [p.text for p in prompts for _ in range(seeds)]
-    attrs = torch.tensor([p.attrs for p in prompts for _ in range(seeds)])
-    for lo in range(0, len(texts), 64):
-        m.update(images[lo:lo + 64], texts[lo:lo + 64], attrs[lo:lo + 64])
+    m = build_metric(name, ToyBackbone.evaluators())
+    items = [p for p in prompts for _ in range(seeds)]
+    for lo in range(0, len(items), 64):
+        m.update(images[lo:lo + 64], items[lo:lo + 64])
     return m.compute()
 
 
@@ -115,7 +115,7 @@ def test_teacher_fidelity_rows_and_their_floor(teacher_eval):
     # floor: the 28-step teacher's seeds 0-3 against its own seeds 4-7 (same prompts)
     prompts = load_prompt_set("default", "toy")[:8]
     images = {s: read_pngs([cfg.out_dir / image_relpath("teacher-toy", 28, p.id, s) for p in prompts]) for s in range(8)}
-    m = build_metric("teacher_fd", "toy")
+    m = build_metric("teacher_fd", ToyBackbone.evaluators())
     for s in range(4):
         m.update(images[s], [p.text for p in prompts])
         m.update_teacher(images[s + 4])

@@ -14,6 +14,7 @@ from cdmbench.eval.metrics import MetricOptions  # noqa: E402
 from cdmbench.eval.metrics.aesthetic import Aesthetic, AestheticMLP  # noqa: E402
 from cdmbench.eval.metrics.base import to_pil  # noqa: E402
 from cdmbench.eval.metrics.pickscore import PickScore  # noqa: E402
+from cdmbench.types import Evaluators  # noqa: E402
 
 PROMPTS = ["a red circle", "a photo of a dog", "green triangle in the top left", "a cat"]
 
@@ -21,26 +22,9 @@ PROMPTS = ["a red circle", "a photo of a dog", "green triangle in the top left",
 @pytest.fixture(scope="module")
 def tiny_clip_dir(tmp_path_factory):
     """A random tiny transformers CLIPModel (projection 16) and a CLIPProcessor with a byte-level tokenizer."""
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from cdmbench.eval.metrics.hf_clip import build_tiny_hf_clip
 
-    chars = sorted(ByteLevel.alphabet())
-    vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=77,
-                         bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"]),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=2),
-        projection_dim=16,
-    )
-    folder = tmp_path_factory.mktemp("tiny_hf_clip")
-    CLIPModel(config).eval().save_pretrained(folder)
-    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
-    return folder
+    return build_tiny_hf_clip(tmp_path_factory.mktemp("tiny_hf_clip"))
 
 
 def batch(n=4):
@@ -61,7 +45,7 @@ def reference_outputs(folder, imgs, prompts):
 
 def test_pickscore_is_logit_scale_times_cosine(tiny_clip_dir):
     imgs = batch()
-    m = PickScore.from_options("sd3", MetricOptions(pickscore_model=str(tiny_clip_dir),
+    m = PickScore.from_options(Evaluators(), MetricOptions(pickscore_model=str(tiny_clip_dir),
                                                     pickscore_processor=str(tiny_clip_dir)))
     m.update(imgs[:3], PROMPTS[:3])
     m.update(imgs[3:], PROMPTS[3:])
@@ -81,7 +65,7 @@ def test_aesthetic_is_the_mlp_of_the_normalised_embedding(tiny_clip_dir, tmp_pat
     head = tmp_path / "aesthetic-model.pth"
     torch.save(mlp.state_dict(), head)
     imgs = batch()
-    m = Aesthetic.from_options("sd3", MetricOptions(aesthetic_clip=str(tiny_clip_dir), aesthetic_path=str(head)))
+    m = Aesthetic.from_options(Evaluators(), MetricOptions(aesthetic_clip=str(tiny_clip_dir), aesthetic_path=str(head)))
     m.update(imgs, PROMPTS)
     r = m.compute()
     _, emb = reference_outputs(tiny_clip_dir, imgs, PROMPTS)
@@ -91,7 +75,7 @@ def test_aesthetic_is_the_mlp_of_the_normalised_embedding(tiny_clip_dir, tmp_pat
     assert m.protocol.startswith("aesthetic|laion-improved-v2|")
     torch.save(AestheticMLP(input_size=8).state_dict(), tmp_path / "wrong.pth")
     with pytest.raises(CdmbenchError, match="do not fit"):
-        Aesthetic.from_options("sd3", MetricOptions(aesthetic_clip=str(tiny_clip_dir), aesthetic_path=str(tmp_path / "wrong.pth")))
+        Aesthetic.from_options(Evaluators(), MetricOptions(aesthetic_clip=str(tiny_clip_dir), aesthetic_path=str(tmp_path / "wrong.pth")))
 
 
 def test_missing_weights_fail_with_one_line(tmp_path, monkeypatch):
@@ -100,18 +84,20 @@ def test_missing_weights_fail_with_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(MissingWeightsError, match="PickScore model .* not available locally.*pickscore_model="):
-        PickScore.from_options("sd3", MetricOptions(pickscore_model="nobody/no-such-model-xyz"))
+        PickScore.from_options(Evaluators(), MetricOptions(pickscore_model="nobody/no-such-model-xyz"))
     with pytest.raises(MissingWeightsError, match="not found at"):
-        PickScore.from_options("sd3", MetricOptions(pickscore_model=str(tmp_path / "nothing")))
+        PickScore.from_options(Evaluators(), MetricOptions(pickscore_model=str(tmp_path / "nothing")))
     with pytest.raises(MissingWeightsError, match="aesthetic predictor head"):
-        Aesthetic.from_options("sd3", MetricOptions(aesthetic_path=str(tmp_path / "none.pth")))
+        Aesthetic.from_options(Evaluators(), MetricOptions(aesthetic_path=str(tmp_path / "none.pth")))
 
 
 def test_not_applicable_to_the_toy():
+    from cdmbench.backbones.toy import ToyBackbone
+
     for cls in (PickScore, Aesthetic):
-        assert not cls.applies_to("toy")
+        assert not cls.applies_to(ToyBackbone.evaluators())
         with pytest.raises(CdmbenchError, match="does not apply"):
-            cls.from_options("toy")
+            cls.from_options(ToyBackbone.evaluators())
 
 
 # --------------------------------------------------------------------------------------------------

@@ -24,34 +24,17 @@ if importlib.util.find_spec("ImageReward") is None:  # its own __init__ cannot i
 
 from cdmbench.eval.metrics import _imagereward_compat as compat  # noqa: E402
 
-WORDS = "a an the red green blue yellow circle square triangle in at top bottom left right small large photo of dog".split()
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+VOCAB = list(compat.TINY_VOCAB)
 PROMPTS = ["a red circle in the top left", "a large blue square", "a photo of a dog", "small yellow triangle"]
-TINY_VIT = compat.VitSpec(image_size=64, patch_size=32, width=64, depth=2, heads=1)
-
-
-def med_config(vocab_size: int) -> dict:
-    # ImageReward's med_config.json with a 1-layer BERT (hidden 768 is fixed by the reward head)
-    return {
-        "architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
-        "hidden_dropout_prob": 0.1, "hidden_size": 768, "initializer_range": 0.02, "intermediate_size": 64,
-        "layer_norm_eps": 1e-12, "max_position_embeddings": 64, "model_type": "bert", "num_attention_heads": 12,
-        "num_hidden_layers": 1, "pad_token_id": 0, "type_vocab_size": 2, "vocab_size": vocab_size,
-        "encoder_width": 768, "add_cross_attention": True,
-    }
+TINY_VIT = compat.TINY_VIT
+med_config = compat.tiny_med_config
 
 
 @pytest.fixture(scope="module")
 def tiny_ir(tmp_path_factory):
     """A random small ImageReward saved as the user's files are: weights .pt, med_config.json, vocab.txt."""
     d = tmp_path_factory.mktemp("imagereward")
-    (d / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
-    (d / "med_config.json").write_text(json.dumps(med_config(len(VOCAB) + 2)))
-    torch.manual_seed(0)
-    model = compat.build_imagereward(d / "med_config.json", compat.load_bert_tokenizer(d / "vocab.txt"), TINY_VIT)
-    with torch.no_grad():  # the stock head init gives near-constant rewards; widen it so prompts matter
-        for p in model.mlp.parameters():
-            p.normal_(0, 0.3)
+    model = compat.build_tiny_imagereward(d)
     torch.save(model.state_dict(), d / "ImageReward.pt")
     return model, d
 
@@ -109,13 +92,13 @@ def test_a_special_tokens_only_tokenizer_fails_clearly(tiny_ir, tmp_path):
     _, d = tiny_ir
     (tmp_path / "vocab.txt").write_text("\n".join(VOCAB[:5]) + "\n")  # what from_pretrained gives offline
     with pytest.raises(MissingWeightsError, match=f"has 7 tokens .* expects vocab_size={len(VOCAB) + 2}") as e:
-        build_metric("imagereward", "sd3", options(d, bert_tokenizer_path=str(tmp_path / "vocab.txt")))
+        build_metric("imagereward", options=options(d, bert_tokenizer_path=str(tmp_path / "vocab.txt")))
     assert "\n" not in str(e.value)
 
 
 def test_metric_equals_the_package_score_through_the_local_path_loader(tiny_ir):
     model, d = tiny_ir
-    m = build_metric("imagereward", "sd3", options(d))
+    m = build_metric("imagereward", options=options(d))
     assert m.protocol == "imagereward-v1.0|blip|ckpt=ImageReward.pt|score=z-normalised reward"
     imgs = batch()
     m.update(imgs[:3], PROMPTS[:3])
@@ -131,7 +114,7 @@ def test_checkpoint_missing_weights_is_an_error(tiny_ir, tmp_path):
     sd = {k: v for k, v in model.state_dict().items() if not k.startswith("mlp.")}
     torch.save(sd, tmp_path / "ImageReward.pt")
     with pytest.raises(CdmbenchError, match="lacks 10 ImageReward weights"):
-        build_metric("imagereward", "sd3", options(d, imagereward_path=str(tmp_path / "ImageReward.pt")))
+        build_metric("imagereward", options=options(d, imagereward_path=str(tmp_path / "ImageReward.pt")))
 
 
 def test_missing_weights_offline_are_one_line_errors(tiny_ir, tmp_path, monkeypatch):
@@ -152,7 +135,7 @@ def test_missing_weights_offline_are_one_line_errors(tiny_ir, tmp_path, monkeypa
     ]
     for opts, pattern in cases:
         with pytest.raises(MissingWeightsError, match=pattern) as e:
-            build_metric("imagereward", "sd3", opts)
+            build_metric("imagereward", options=opts)
         assert "\n" not in str(e.value)
 
 
@@ -161,7 +144,7 @@ def test_missing_package_is_a_one_line_import_error(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ImageReward" else real(name, *a))
     with pytest.raises(ImportError, match="pip install --no-deps image-reward==1.5 fairscale==0.4.13") as e:
-        build_metric("imagereward", "sd3")
+        build_metric("imagereward")
     assert isinstance(e.value, CdmbenchError)
 
 
@@ -174,6 +157,6 @@ def test_full_size_random_imagereward_scores(tmp_path):
     (tmp_path / "med_config.json").write_text(json.dumps(cfg))
     model = compat.build_imagereward(tmp_path / "med_config.json", compat.load_bert_tokenizer(tmp_path / "vocab.txt"))
     torch.save(model.state_dict(), tmp_path / "ImageReward.pt")
-    m = build_metric("imagereward", "sd3", options(tmp_path))
+    m = build_metric("imagereward", options=options(tmp_path))
     m.update(batch(2), PROMPTS[:2])
     assert np.isfinite(m.compute().per_image).all()

@@ -1,4 +1,4 @@
-"""Metric protocol, registry, bootstrap, FID (vs numpy/scipy, torchmetrics, clean-fid) and attr_acc."""
+"""Metric protocol, registry, bootstrap, FID (vs numpy/scipy, torchmetrics, clean-fid), injected models, attr_acc."""
 
 import os
 
@@ -6,7 +6,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-import types  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -14,9 +13,11 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from cdmbench.errors import CdmbenchError, MissingWeightsError, UnknownNameError  # noqa: E402
-from cdmbench.eval.metrics import METRICS, Applicability, Metric, MetricOptions, MetricResult, bootstrap_ci, build_metric  # noqa: E402
-from cdmbench.eval.metrics.attr_acc import AttrAccuracy  # noqa: E402
-from cdmbench.eval.metrics.fid import FID, CleanInceptionFeatures, ReferenceStats, frechet_distance, load_clean_inception  # noqa: E402
+from cdmbench.eval.metrics import METRICS, MetricOptions, MetricResult, bootstrap_ci, build_metric  # noqa: E402
+from cdmbench.eval.metrics.attr_acc import AttributeModel, AttrAccuracy  # noqa: E402
+from cdmbench.eval.metrics.fid import (FID, CleanInceptionFeatures, FIDFeatures, ReferenceStats, frechet_distance,  # noqa: E402
+                                       load_clean_inception)
+from cdmbench.types import ATTRS, Evaluators, Prompt  # noqa: E402
 
 F = 12
 
@@ -51,30 +52,26 @@ def prompts(n: int) -> list[str]:
 # protocol, registry, bootstrap
 
 
-def test_registry_lists_every_metric_and_rejects_unknown_names():
-    assert {"attr_acc", "clip", "fid", "hps", "imagereward", "pickscore", "vendi"} <= set(METRICS.names())
-    with pytest.raises(UnknownNameError, match="valid metrics: aesthetic, attr_acc, clip, coverage, "):
-        METRICS.get("nosuchmetric")
+def test_registry_rejects_unknown_names_listing_every_metric():
+    assert METRICS.names() == sorted(METRICS.names()) and METRICS.names()
+    with pytest.raises(UnknownNameError, match="valid metrics: " + ", ".join(METRICS.names())):
+        METRICS.get("no-such-metric")
 
 
-@pytest.mark.parametrize("name", METRICS.names())
-def test_every_metric_declares_its_metadata(name):
-    cls = METRICS.get(name)
-    assert issubclass(cls, Metric) and cls.name == name
-    assert isinstance(cls.higher_is_better, bool) and isinstance(cls.per_image, bool)
-    for backbone in ("toy", "sd3"):
-        a = cls.applies_to(backbone)
-        assert isinstance(a, Applicability)
-        assert a.status == "ok" if a else a.status.startswith("not_applicable: ") and a.reason
+def test_a_declared_not_applicable_reason_becomes_the_status_and_blocks_building():
+    for name in METRICS.names():
+        declared = Evaluators(not_applicable={name: "these images are not photos"})
+        a = METRICS.get(name).applies_to(declared)
+        assert not a and a.status == "not_applicable: these images are not photos"
+        with pytest.raises(CdmbenchError, match=f"metric '{name}' does not apply to these images"):
+            build_metric(name, declared)
 
 
-def test_applicability_by_backbone():
-    generic = {"clip", "fid", "vendi", "precision", "recall", "density", "coverage", "teacher_fd", "teacher_dist"}
-    assert {n for n in METRICS.names() if METRICS.get(n).applies_to("toy")} == generic | {"attr_acc", "factor_w1", "detail"}
-    assert {n for n in METRICS.names() if METRICS.get(n).applies_to("sd3")} == generic | {
-        "hps", "imagereward", "pickscore", "aesthetic", "intra_lpips"}
-    with pytest.raises(CdmbenchError, match="does not apply to backbone 'toy'"):
-        build_metric("imagereward", "toy")
+def test_attr_acc_applies_only_with_a_declared_predictor():
+    assert not AttrAccuracy.applies_to(Evaluators())
+    assert AttrAccuracy.applies_to(Evaluators(attributes=lambda device: None))
+    with pytest.raises(CdmbenchError, match="declares no attribute predictor"):
+        AttrAccuracy.from_options(Evaluators())
 
 
 def test_importing_metrics_loads_no_heavy_library():
@@ -261,17 +258,17 @@ def test_missing_inception_weights_is_one_line_error(tmp_path, monkeypatch):
         load_clean_inception(None)
     monkeypatch.setenv("CDMBENCH_INCEPTION_PATH", str(tmp_path / "missing"))
     with pytest.raises(MissingWeightsError, match="CDMBENCH_INCEPTION_PATH"):
-        FID.from_options("sd3", MetricOptions(fid_reference=str(tmp_path)))
+        FID.from_options(Evaluators(), MetricOptions(fid_reference=str(tmp_path)))
 
 
 def test_natural_fid_needs_a_reference(monkeypatch):
     monkeypatch.delenv("CDMBENCH_FID_REF", raising=False)
     with pytest.raises(MissingWeightsError, match="needs a reference set.*CDMBENCH_FID_REF"):
-        FID.from_options("sd3")
+        FID.from_options(Evaluators())
 
 
 # --------------------------------------------------------------------------------------------------
-# attr_acc and the toy factories (the agreed cdmbench.toy.evaluators API, faked here)
+# Injected models (Evaluators) and attr_acc
 
 
 class FakeClassifier(torch.nn.Module):
@@ -285,48 +282,41 @@ class FakeClassifier(torch.nn.Module):
         return self.ext(x)
 
 
-def fake_predictions(clf, imgs):
+def fake_predictions(imgs):
     return torch.stack([(imgs[:, c].mean((1, 2)) * 10).long() % 3 for c in range(3)] + [torch.zeros(len(imgs), dtype=torch.long)], 1)
 
 
-@pytest.fixture
-def fake_evaluators(monkeypatch):
-    import cdmbench.toy
+def test_declared_fid_features_and_reference_are_used_and_an_explicit_reference_wins(tmp_path, monkeypatch):
+    real, clf, devices = images(50, 11, size=32), FakeClassifier(), []
+    f = clf.features(real).detach()
 
-    real = images(50, 11, size=32)
-    clf = FakeClassifier()
-    mod = types.ModuleType("cdmbench.toy.evaluators")
-    mod.load_toy_classifier = lambda: clf
-    mod.attribute_predictions = fake_predictions
-    f = clf.features(real).detach().double()
-    mod.load_toy_fid_reference = lambda: (f.mean(0), torch.cov(f.T), {"version": "toy-fid-test", "n": 50})
-    mod.file_sha256 = lambda p: "unused"
-    mod.default_classifier_path = lambda: "unused"
-    monkeypatch.setitem(sys.modules, "cdmbench.toy.evaluators", mod)
-    monkeypatch.setattr(cdmbench.toy, "evaluators", mod, raising=False)
-    return types.SimpleNamespace(real=real, clf=clf)
+    def load(device):
+        devices.append(device)
+        return FIDFeatures(clf.features, "fake-features", lambda: ReferenceStats.from_features(f, "fake-ref"))
 
-
-def test_toy_fid_from_options_uses_classifier_features_and_shipped_stats(fake_evaluators):
-    m = build_metric("fid", "toy")
-    assert m.protocol == f"fid|toy-classifier-features-{F}|float64|ref=toy-shipped:toy-fid-test"
-    m.update(fake_evaluators.real, prompts(50))
+    monkeypatch.setenv("CDMBENCH_FID_REF", str(tmp_path / "a-natural-image-set"))  # not used: the backbone brings its own
+    m = build_metric("fid", Evaluators(fid=load), MetricOptions(device="cpu"))
+    assert devices == ["cpu"] and m.protocol == "fid|fake-features|ref=fake-ref"
+    m.update(real, prompts(50))
     assert abs(m.compute().value) < 1e-8
+    ReferenceStats.from_features(f[:25], "x").save(tmp_path / "half.npz")
+    m = build_metric("fid", Evaluators(fid=load), MetricOptions(fid_reference=str(tmp_path / "half.npz")))
+    assert m.protocol == "fid|fake-features|ref=half"
 
 
-def test_attr_acc_counts_images_with_all_four_attributes_right(fake_evaluators):
+def test_attr_acc_counts_images_with_all_attributes_right():
     imgs = images(8, 12, size=32)
-    pred = fake_predictions(None, imgs)
+    pred = fake_predictions(imgs)
     target = pred.clone()
     target[1, 0] += 1  # one wrong attribute makes the image wrong
     target[5, 3] += 1
-    m = build_metric("attr_acc", "toy")
-    m.update(imgs[:4], prompts(4), target[:4])
-    m.update(imgs[4:], prompts(4), target[4:])
+    ps = [Prompt(f"p{i}", f"p{i}", {ATTRS: tuple(t.tolist())}) for i, t in enumerate(target)]
+    m = build_metric("attr_acc", Evaluators(attributes=lambda device: AttributeModel(fake_predictions, "fake", 4)))
+    assert m.protocol == "attr_acc|fake|all-4-attributes"
+    m.update(imgs[:4], ps[:4])
+    m.update(imgs[4:], ps[4:])
     r = m.compute()
     assert r.value == pytest.approx(6 / 8) and r.n == 8
     np.testing.assert_array_equal(r.per_image, [1, 0, 1, 1, 1, 0, 1, 1])
-    with pytest.raises(CdmbenchError, match="needs attrs"):
-        m.update(imgs, prompts(8), None)
-    with pytest.raises(CdmbenchError, match="does not apply"):
-        AttrAccuracy.from_options("sd3")
+    with pytest.raises(CdmbenchError, match=r"needs attribute labels \(Prompt.meta\['attrs'\]\)"):
+        m.update(imgs, prompts(8))

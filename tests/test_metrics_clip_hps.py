@@ -84,7 +84,7 @@ def test_clip_from_options_loads_a_local_checkpoint_and_applies_the_prefix(tiny_
     model, transform, tokenizer, _ = tiny_clip
     path = tmp_path / "clip.pt"
     torch.save(model.state_dict(), path)
-    m = build_metric("clip", "sd3", MetricOptions(clip_model=TINY, clip_pretrained=str(path), clip_prefix="A photo depicts "))
+    m = build_metric("clip", options=MetricOptions(clip_model=TINY, clip_pretrained=str(path), clip_prefix="A photo depicts "))
     assert m.protocol == f"clip|open_clip:{TINY}:clip.pt|prefix='A photo depicts '|score=100*max(cos,0)"
     imgs = batch()
     m.update(imgs, PROMPTS)
@@ -97,22 +97,22 @@ def test_clip_reads_env_vars(tiny_clip, tmp_path, monkeypatch):
     torch.save(model.state_dict(), tmp_path / "c.pt")
     monkeypatch.setenv("CDMBENCH_CLIP_MODEL", TINY)
     monkeypatch.setenv("CDMBENCH_CLIP_PRETRAINED", str(tmp_path / "c.pt"))
-    assert build_metric("clip", "sd3").protocol.startswith(f"clip|open_clip:{TINY}:c.pt|")
+    assert build_metric("clip").protocol.startswith(f"clip|open_clip:{TINY}:c.pt|")
 
 
 def test_clip_missing_weights_offline_is_one_line(hub_offline, tmp_path):
     with pytest.raises(MissingWeightsError, match="CLIP weights ViT-L-14/openai are not available locally") as e:
-        build_metric("clip", "sd3", MetricOptions(clip_model="ViT-L-14", clip_pretrained="openai"))
+        build_metric("clip", options=MetricOptions(clip_model="ViT-L-14", clip_pretrained="openai"))
     assert "\n" not in str(e.value) and "CDMBENCH_CLIP_PRETRAINED" in str(e.value)
     with pytest.raises(MissingWeightsError, match="checkpoint not found"):
-        build_metric("clip", "sd3", MetricOptions(clip_pretrained=str(tmp_path / "nope.pt")))
+        build_metric("clip", options=MetricOptions(clip_pretrained=str(tmp_path / "nope.pt")))
     with pytest.raises(CdmbenchError, match="no pretrained tag 'bogus'"):
-        build_metric("clip", "sd3", MetricOptions(clip_pretrained="bogus"))
+        build_metric("clip", options=MetricOptions(clip_pretrained="bogus"))
 
 
 def test_hps_loads_the_local_checkpoint_and_scores_100_cos(tiny_clip):
     model, transform, tokenizer, ckpt = tiny_clip
-    m = build_metric("hps", "sd3", MetricOptions(hps_path=str(ckpt), hps_model=TINY))
+    m = build_metric("hps", options=MetricOptions(hps_path=str(ckpt), hps_model=TINY))
     assert isinstance(m, HPSv21)
     assert m.protocol == f"hps-v2.1|open_clip:{TINY}|ckpt=HPS_v2.1_compressed.pt|score=100*cos"
     imgs = batch()
@@ -125,7 +125,7 @@ def test_hps_checkpoint_for_another_architecture_fails(tiny_clip, tmp_path):
     sd = {k: v for k, v in tiny_clip[0].state_dict().items() if not k.startswith("visual.")}
     torch.save(sd, tmp_path / "HPS_v2.1_compressed.pt")
     with pytest.raises(CdmbenchError, match=f"do not fit open_clip {TINY}"):
-        build_metric("hps", "sd3", MetricOptions(hps_path=str(tmp_path / "HPS_v2.1_compressed.pt"), hps_model=TINY))
+        build_metric("hps", options=MetricOptions(hps_path=str(tmp_path / "HPS_v2.1_compressed.pt"), hps_model=TINY))
 
 
 def test_hps_missing_weights_offline_is_one_line(hub_offline, tmp_path, monkeypatch):
@@ -133,9 +133,9 @@ def test_hps_missing_weights_offline_is_one_line(hub_offline, tmp_path, monkeypa
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     with pytest.raises(MissingWeightsError) as e:
-        build_metric("hps", "sd3")
+        build_metric("hps")
     msg = str(e.value)
     assert "\n" not in msg and all(s in msg for s in ("HPS_v2.1_compressed.pt", "xswu/HPSv2", "CDMBENCH_HPS_PATH"))
     monkeypatch.setenv("CDMBENCH_HPS_PATH", str(tmp_path / "missing.pt"))
     with pytest.raises(MissingWeightsError, match="not found at .*missing.pt"):
-        build_metric("hps", "sd3")
+        build_metric("hps")

@@ -7,6 +7,7 @@ import pytest
 from cdmbench.errors import CdmbenchError
 from cdmbench.prompts import load_prompt_set
 from cdmbench.toy.shapes import PROMPT_SET_VERSION, eval_prompts
+from cdmbench.types import ATTRS
 
 
 def texts(prompts):
@@ -21,7 +22,7 @@ def test_default_and_toy_are_the_fixed_versioned_toy_set():
     for name in ("default", "toy"):
         prompts = load_prompt_set(name, "toy")
         assert prompts == eval_prompts() and len(prompts) == 96
-        assert prompts[0].id == f"{PROMPT_SET_VERSION}-000" and prompts[0].attrs is not None
+        assert prompts[0].id == f"{PROMPT_SET_VERSION}-000" and prompts[0].meta[ATTRS] is not None
 
 
 @pytest.mark.parametrize("arch", ["sd3", "longcat"])
@@ -36,7 +37,7 @@ def test_txt_one_prompt_per_line_ids_follow_lines(tmp_path):
     prompts = load_prompt_set(str(f), "sd3")
     assert texts(prompts) == ["a red cube", "a cat on a mat", "the sky"]
     assert ids(prompts) == ["drawbench-test-0", "drawbench-test-2", "drawbench-test-3"]  # blank line 1 keeps ids stable
-    assert all(p.attrs is None for p in prompts)
+    assert all(p.meta == {} for p in prompts)
 
 
 def test_jsonl_objects_and_strings(tmp_path):
@@ -78,10 +79,10 @@ def test_toy_grammar_files_get_attribute_labels(tmp_path):
     f = tmp_path / "mine.txt"
     f.write_text("a small red circle in the top left\nlarge blue square bottom right\n")
     prompts = load_prompt_set(f, "toy")
-    assert prompts[0].attrs == (0, 0, 0, 0) and prompts[1].attrs is not None
+    assert prompts[0].meta[ATTRS] == (0, 0, 0, 0) and prompts[1].meta[ATTRS] is not None
     free = tmp_path / "free.txt"
     free.write_text("a dog\n")
-    assert load_prompt_set(free, "toy")[0].attrs is None
+    assert load_prompt_set(free, "toy")[0].meta == {}
 
 
 @pytest.mark.parametrize(

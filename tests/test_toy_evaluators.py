@@ -10,8 +10,11 @@ import pytest
 import torch
 
 from cdmbench.errors import MissingWeightsError
+from cdmbench.eval.metrics.clip_score import openclip_cosine
+from cdmbench.eval.metrics.fid import FID, ReferenceStats, frechet_distance
 from cdmbench.toy import evaluators as ev
 from cdmbench.toy import shapes
+from cdmbench.types import ATTRS
 
 NOISE_STDS = (0.05, 0.1, 0.2, 0.4)
 
@@ -38,7 +41,7 @@ def _real_images(seed: int, per_prompt: int) -> torch.Tensor:
     Same distribution as ``shapes.real_images_for`` (which the reference uses), but batched: per-image
     rendering is slow when torch's threads compete with another process for the cores.
     """
-    attrs = torch.tensor([p.attrs for p in shapes.eval_prompts()]).repeat(per_prompt, 1)
+    attrs = torch.tensor([p.meta[ATTRS] for p in shapes.eval_prompts()]).repeat(per_prompt, 1)
     g = torch.Generator().manual_seed(seed)
     return torch.cat([shapes.render(chunk, g) for chunk in attrs.split(480)])
 
@@ -60,7 +63,8 @@ def test_classifier_is_frozen_eval_and_fid_compatible(classifier):
     assert not any(p.requires_grad for p in classifier.parameters())
     x = torch.rand(2, 3, 32, 32)
     assert classifier.features(x).shape == (2, classifier.num_features) == (2, 128)
-    assert ev.ToyFIDFeatures(classifier)(x).dtype == torch.float32
+    spec = ev.fid_features()
+    assert spec.extractor(x).dtype == torch.float32 and spec.protocol == "toy-classifier-features-128|float64"
 
 
 def test_attribute_accuracy_needs_all_four():
@@ -94,8 +98,8 @@ def test_toy_clip_ranks_true_caption_above_other(toy_clip, fresh):
     perm = torch.empty_like(order)
     perm[order] = order.roll(1)  # no fixed points
     differ = (attrs != attrs[perm]).any(dim=1)
-    own = ev.clip_cosine(model, preprocess, tokenizer, images, caps)
-    other = ev.clip_cosine(model, preprocess, tokenizer, images, [caps[j] for j in perm])
+    own = torch.from_numpy(openclip_cosine(model, preprocess, tokenizer, images, caps))
+    other = torch.from_numpy(openclip_cosine(model, preprocess, tokenizer, images, [caps[j] for j in perm]))
     rank_acc = float((own > other)[differ].float().mean())
     assert differ.sum() > 400
     assert rank_acc >= 0.95, rank_acc
@@ -113,36 +117,29 @@ def test_fid_reference_protocol(classifier):
     assert meta["n"] == len(shapes.eval_prompts()) * 50
 
 
+def _stats(classifier, images) -> ReferenceStats:
+    with torch.no_grad():
+        return ReferenceStats.from_features(classifier.features(images).double(), "x")
+
+
 def test_fid_real_vs_real_is_small_and_grows_with_noise(classifier):
-    mu_ref, sigma_ref, _ = ev.load_toy_fid_reference()
+    ref = ev.fid_features().reference()
     a, b = _real_images(seed=1, per_prompt=20), _real_images(seed=2, per_prompt=20)  # 1,920 each; bias ~ 1/n
-    mu_a, sigma_a = ev.feature_statistics(ev.classifier_features(classifier, a))
-    mu_b, sigma_b = ev.feature_statistics(ev.classifier_features(classifier, b))
-    real_vs_real = ev.frechet_distance(mu_a, sigma_a, mu_b, sigma_b)
-    real_vs_ref = ev.frechet_distance(mu_a, sigma_a, mu_ref, sigma_ref)
+    sa, sb = _stats(classifier, a), _stats(classifier, b)
+    real_vs_real = frechet_distance(sa.mu, sa.sigma, sb.mu, sb.sigma)
+    metric = FID(ev.fid_features().extractor, ref, "fid|toy")  # the eval path against the shipped statistics
+    metric.update(a, [""] * len(a))
+    real_vs_ref = metric.compute().value
     g = torch.Generator().manual_seed(0)
     noisy, half = [], a[:960]  # 10 per prompt suffice: noise moves FID far more than the 1/n bias
     for std in NOISE_STDS:
-        x = (half + std * torch.randn(half.shape, generator=g)).clamp(0, 1)
-        noisy.append(ev.frechet_distance(*ev.feature_statistics(ev.classifier_features(classifier, x)), mu_b, sigma_b))
+        x = _stats(classifier, (half + std * torch.randn(half.shape, generator=g)).clamp(0, 1))
+        noisy.append(frechet_distance(x.mu, x.sigma, sb.mu, sb.sigma))
     assert all(lo < hi for lo, hi in zip(noisy, noisy[1:])), noisy
     # "near zero": the finite-sample bias of two real sets stays well below the barely visible noise
     # std 0.05 and is negligible next to std 0.1 (shipped: 25.9 vs 87.5 / 741 at 1,920 images)
     for value in (real_vs_real, real_vs_ref):
         assert value < 0.35 * noisy[0] and value < 0.05 * noisy[1], (value, noisy)
-
-
-def test_frechet_distance_matches_scipy_sqrtm():
-    import scipy.linalg
-
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(200, 8, generator=g, dtype=torch.float64), torch.randn(300, 8, generator=g, dtype=torch.float64)
-    y = y @ torch.randn(8, 8, generator=g, dtype=torch.float64) + 0.5
-    (m1, s1), (m2, s2) = ev.feature_statistics(x), ev.feature_statistics(y)
-    covmean = scipy.linalg.sqrtm(s1.numpy() @ s2.numpy()).real
-    expected = float((m1 - m2).square().sum() + s1.trace() + s2.trace()) - 2 * covmean.trace()
-    assert ev.frechet_distance(m1, s1, m2, s2) == pytest.approx(expected, rel=1e-8)
-    assert abs(ev.frechet_distance(m1, s1, m1, s1)) < 1e-9
 
 
 # ---------------------------------------------------------------------------------------------- loaders
@@ -166,3 +163,23 @@ def test_training_is_deterministic_and_round_trips(tmp_path):
     a, b = load_safetensors(tmp_path / "a.safetensors"), load_safetensors(tmp_path / "b.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert ev.load_toy_classifier(tmp_path / "a.safetensors").num_features == 128
+
+
+# ---------------------------------------------------------------------------------------------- declaration
+
+
+def test_the_toy_backbone_declares_its_evaluators_with_stable_protocols():
+    """What the toy bench scores with; the protocol strings go into every result row."""
+    from cdmbench.backbones.toy import ToyBackbone
+    from cdmbench.eval.metrics import METRICS, build_metric
+
+    declared = ToyBackbone.evaluators()
+    applies = {n for n in METRICS.names() if METRICS.get(n).applies_to(declared)}
+    generic = {"clip", "fid", "vendi", "precision", "recall", "density", "coverage", "teacher_fd", "teacher_dist"}
+    assert generic | {"attr_acc", "factor_w1", "detail"} <= applies
+    assert not {"hps", "imagereward", "pickscore", "aesthetic", "intra_lpips"} & applies
+    assert METRICS.get("hps").applies_to(declared).status.endswith("the toy backbone draws 32x32 shapes")
+    protocols = {n: build_metric(n, declared).protocol for n in ("fid", "clip", "attr_acc")}
+    assert protocols == {"fid": "fid|toy-classifier-features-128|float64|ref=toy-shipped:toy-fid-v2",
+                         "clip": "clip|toy-clip|prefix=''|score=100*max(cos,0)",
+                         "attr_acc": "attr_acc|toy-classifier|all-4-attributes"}

@@ -18,6 +18,7 @@ from torch import nn
 
 from cdmbench.errors import CdmbenchError
 from cdmbench.sampling import Schedule, make_schedule, nominal_sigmas, static_shift
+from cdmbench.types import Evaluators, Prompt
 
 
 @dataclass
@@ -93,9 +94,6 @@ class Backbone(ABC):
     default_guidance: ClassVar[float] = 1.0  # teacher CFG scale (standard form, 1 = none)
     default_teacher_steps: ClassVar[int] = 28
     decodes_to_images: ClassVar[bool] = True
-    # What the decoded images are: "natural" (text-to-image photos/art: Inception FID, CLIP, ImageReward
-    # and HPS apply) or "shapes" (the toy's procedural shapes: the toy evaluators replace them).
-    image_domain: ClassVar[str] = "natural"
 
     def __init__(self, options: BackboneOptions):
         self.options = options
@@ -190,6 +188,31 @@ class Backbone(ABC):
         """The backbone's own training data (a ``cdmbench.data.DataSource``) when ``train.data`` is not set;
         ``None``: it has none (methods that need real data then ask for ``train.data``)."""
         return None
+
+    @classmethod
+    def tiny(cls, workdir: Path) -> "Backbone":
+        """A small instance without downloads for the contract checks (``cdmbench.testing.BACKBONE_CHECKS``);
+        any files it needs (e.g. a tiny pipeline folder) go under ``workdir``."""
+        raise NotImplementedError(f"{cls.__name__} has no tiny() test instance; the backbone contract tests need one")
+
+    # -- what the eval layer scores this backbone's images with (style.md principle 16) -------------
+    # Class methods: the harness asks before (and without) building the backbone.
+    @classmethod
+    def evaluators(cls) -> Evaluators:
+        """The models this backbone's metrics use and the metrics that do not apply to its images.
+        Nothing declared (the default, right for text-to-image photos and art): every metric uses its
+        real default (clean-fid Inception, OpenAI CLIP, HPS, ImageReward), attribute accuracy does not apply."""
+        return Evaluators()
+
+    @classmethod
+    def prompt_set(cls) -> list[Prompt] | None:
+        """The bundled eval prompt set (``--prompts default``), or None when the backbone has none."""
+        return None
+
+    @classmethod
+    def annotate_prompts(cls, prompts: list[Prompt]) -> list[Prompt]:
+        """Prompts read from a file, with this backbone's metadata attached (``Prompt.meta``); default: as read."""
+        return prompts
 
     def describe(self) -> dict[str, Any]:
         """What identifies this backbone in run configs and result rows."""

@@ -179,6 +179,25 @@ class DiffusersBackbone(Backbone):
         return {"from_pretrained_kwargs": {}, "attributes": {},
                 "call_kwargs": {"height": self.resolution, "width": self.resolution}}
 
+    @staticmethod
+    def build_tiny_pipeline(path: Path) -> Path:
+        """Save a tiny random pipeline of this backbone's class at ``path`` (tests); returns ``path``."""
+        raise NotImplementedError
+
+    @classmethod
+    def tiny_pipeline(cls, workdir: Path) -> Path:
+        """The folder of this backbone's tiny pipeline: built under ``workdir`` once per process, then reused."""
+        folder = _TINY_BUILT.get(cls.name)
+        if folder is None or not folder.is_dir():
+            folder = _TINY_BUILT[cls.name] = cls.build_tiny_pipeline(Path(workdir) / f"tiny-{cls.name}")
+        return folder
+
+    @classmethod
+    def tiny(cls, workdir: Path) -> "DiffusersBackbone":
+        """This adapter on its tiny pipeline (``tiny_pipeline``), at ``TINY_RESOLUTION`` and ``TINY_TEXT_LEN``."""
+        return cls(BackboneOptions(model=str(cls.tiny_pipeline(workdir)), resolution=TINY_RESOLUTION,
+                                   max_sequence_length=TINY_TEXT_LEN))
+
     # -- the protocol ------------------------------------------------------------------------------
     @property
     def teacher(self) -> nn.Module:
@@ -277,3 +296,27 @@ class DiffusersBackbone(Backbone):
             s = self.schedule(steps)
             logger.info("%s: %d-step σ nominal %s → effective %s", self.name, steps,
                         [round(x, 4) for x in s.nominal], [round(x, 4) for x in s.effective])
+
+
+# ------------------------------------------------------------------------------------------------
+# Tiny pipelines for tests (``Backbone.tiny``): built from configs and saved with ``save_pretrained``, so
+# they load through the same ``from_pretrained`` path as a hub id. Recipe and dimension rules: shared
+# notes/deps.md ("Tiny local pipelines"). Tokenizers are byte-level with an empty merge list, built
+# locally, so nothing touches the hub.
+
+_TINY_BUILT: dict[str, Path] = {}  # backbone name → its tiny pipeline folder, built once per process
+TINY_RESOLUTION = 32  # pixels of the tiny pipelines: VAE ×2, then patch 2 (SD3) or 2×2 packing (LongCat) → 8×8 tokens
+TINY_TEXT_LEN = 16  # text tokens the tiny backbones encode (the real defaults are 256 / 512)
+
+
+def tiny_byte_chars() -> list[str]:
+    """The byte-level alphabet: the whole vocabulary of the tiny pipelines' tokenizers."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    return sorted(ByteLevel.alphabet())
+
+
+def eval_modules(*modules: nn.Module) -> None:
+    for m in modules:
+        m.eval()  # freshly built modules are in train mode (T5 dropout)
+

@@ -10,6 +10,7 @@ and CFG renormalisation (pipeline defaults) are never used: the text processor i
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 
 from cdmbench.backbones import BACKBONES
 from cdmbench.backbones.base import BackboneOptions, Cond
-from cdmbench.backbones.diffusers import DiffusersBackbone
+from cdmbench.backbones.diffusers import DiffusersBackbone, eval_modules, tiny_byte_chars
 from cdmbench.errors import CdmbenchError
 
 
@@ -44,6 +45,10 @@ class LongCatBackbone(DiffusersBackbone):
         self._feed_fp32_timesteps()
         self.img_ids = prepare_pos_ids(modality_id=1, type="image", start=(start, start), height=side,
                                        width=side).to(self.device, torch.int64)
+
+    @staticmethod
+    def build_tiny_pipeline(path: Path) -> Path:
+        return build_tiny_longcat(path)
 
     def _resolve_resolution(self, resolution: int | None) -> int:
         f = 2 * self.pipe.vae_scale_factor
@@ -107,3 +112,35 @@ class LongCatBackbone(DiffusersBackbone):
         if self.pipe.tokenizer_max_length != 512:
             recipe["attributes"]["tokenizer_max_length"] = self.pipe.tokenizer_max_length
         return recipe
+
+
+def build_tiny_longcat(path: Path, *, seed: int = 0) -> Path:
+    """A tiny random pipeline of this backbone saved at ``path`` (tests; ``DiffusersBackbone.tiny_pipeline`` caches it; sizes: ``diffusers.TINY_RESOLUTION``)."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, LongCatImagePipeline,
+                           LongCatImageTransformer2DModel)
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+
+    torch.manual_seed(seed)
+    tok = Qwen2Tokenizer(vocab={c: i for i, c in enumerate(tiny_byte_chars())}, merges=[], model_max_length=4096)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    text = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+                         bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32)))
+    # in_channels = 16 latent channels × 2×2 packing (hard-coded by the pipeline); sum(axes_dims_rope) = head dim
+    transformer = LongCatImageTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 6, 6])
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16], layers_per_block=1, latent_channels=16,
+        norm_num_groups=4, scaling_factor=0.3611, shift_factor=0.1159)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    eval_modules(text, transformer, vae)
+    pipe = LongCatImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text, tokenizer=tok, text_processor=None,
+                                transformer=transformer)
+    pipe.save_pretrained(path)
+    return path

@@ -8,6 +8,7 @@ Pipeline loading and the plumbing shared with LongCat live in ``cdmbench.backbon
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,7 +16,7 @@ from torch import nn
 
 from cdmbench.backbones import BACKBONES
 from cdmbench.backbones.base import BackboneOptions, Cond
-from cdmbench.backbones.diffusers import DiffusersBackbone
+from cdmbench.backbones.diffusers import TINY_RESOLUTION, DiffusersBackbone, eval_modules, tiny_byte_chars
 from cdmbench.errors import CdmbenchError
 
 
@@ -35,6 +36,10 @@ class SD3Backbone(DiffusersBackbone):
     def __init__(self, options: BackboneOptions = BackboneOptions()):
         super().__init__(options)
         self.max_sequence_length = options.max_sequence_length or 256
+
+    @staticmethod
+    def build_tiny_pipeline(path: Path) -> Path:
+        return build_tiny_sd3(path)
 
     def _resolve_resolution(self, resolution: int | None) -> int:
         cfg, f = self.pipe.transformer.config, self.pipe.vae_scale_factor
@@ -80,3 +85,43 @@ class SD3Backbone(DiffusersBackbone):
         recipe = super().inference_recipe()
         recipe["call_kwargs"]["max_sequence_length"] = self.max_sequence_length
         return recipe
+
+
+def build_tiny_sd3(path: Path, *, seed: int = 0) -> Path:
+    """A tiny random pipeline of this backbone saved at ``path`` (tests; ``DiffusersBackbone.tiny_pipeline`` caches it; sizes: ``diffusers.TINY_RESOLUTION``)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel,
+                              T5TokenizerFast)
+
+    torch.manual_seed(seed)
+    chars = tiny_byte_chars()
+    vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    clip_tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+    def clip(projection_dim: int) -> CLIPTextModelWithProjection:
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=77, projection_dim=projection_dim, bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"]))
+
+    t5_vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(c, -1.0) for c in "▁abcdefghijklmnopqrstuvwxyz0123456789"]
+    t5_tok = T5TokenizerFast(vocab=t5_vocab, extra_ids=0)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_vocab), d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4,
+                                 relative_attention_num_buckets=8))
+    # joint_attention_dim = T5 d_model ≥ 2 × CLIP hidden; pooled_projection_dim = sum of CLIP projections
+    transformer = SD3Transformer2DModel(
+        sample_size=TINY_RESOLUTION // 2, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
+        pos_embed_max_size=16)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16], layers_per_block=1, latent_channels=4,
+        norm_num_groups=4, scaling_factor=1.5, shift_factor=0.1)
+    te1, te2 = clip(16), clip(16)
+    eval_modules(te1, te2, t5, transformer, vae)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=te1, tokenizer=clip_tok, text_encoder_2=te2, tokenizer_2=clip_tok,
+        text_encoder_3=t5, tokenizer_3=t5_tok)
+    pipe.save_pretrained(path)
+    return path

@@ -21,6 +21,7 @@ from torch import nn
 from cdmbench.backbones import BACKBONES
 from cdmbench.backbones.base import Backbone, BackboneOptions, Cond
 from cdmbench.errors import CdmbenchError, MissingWeightsError
+from cdmbench.types import ATTRS, Evaluators, Prompt
 
 TEACHER_ASSET = "toy_teacher.safetensors"
 
@@ -69,7 +70,6 @@ class ToyBackbone(Backbone):
     """Micro SD3 (MMDiT) teacher on toy-VAE latents of 32×32 RGB shapes; runs everything on a CPU."""
 
     shift = 3.0
-    image_domain = "shapes"
     default_guidance = 4.0
     default_teacher_steps = 28
     fsdp_block_classes = ("JointTransformerBlock",)
@@ -155,6 +155,48 @@ class ToyBackbone(Backbone):
 
         return ProceduralSource(self.real_batch, "toy shapes (cdmbench.toy.shapes)", seed=seed,
                                 process_index=process_index)
+
+    @classmethod
+    def tiny(cls, workdir: Path) -> "ToyBackbone":
+        """The shipped toy is small already."""
+        return cls()
+
+    # -- how its images are scored: the toy evaluators (cdmbench.toy.evaluators) -------------------
+    @classmethod
+    def evaluators(cls) -> Evaluators:
+        """Toy-classifier FID features with shipped reference stats, the toy CLIP, the toy attribute classifier,
+        real renders per caption and the free-factor regressor; the scorers of natural images do not apply."""
+        from cdmbench.toy import evaluators as ev
+        from cdmbench.toy import factors
+
+        shapes = "rates natural images; the toy backbone draws 32x32 shapes"
+        return Evaluators(
+            fid=ev.fid_features, clip=ev.clip_model, attributes=ev.attribute_model, references=factors.reference_images,
+            factors=factors.factor_model,
+            not_applicable={
+                "hps": f"HPS v2.1 {shapes}", "imagereward": f"ImageReward {shapes}", "pickscore": f"PickScore {shapes}",
+                "aesthetic": "the aesthetic predictor rates natural images; the toy draws 32x32 shapes",
+                "intra_lpips": "LPIPS's ImageNet trunk is not shipped and not meant for 32x32 shapes; "
+                               "the toy's diversity is vendi and factor_w1",
+            })
+
+    @classmethod
+    def prompt_set(cls) -> list[Prompt]:
+        """The fixed, versioned toy prompt set (``cdmbench.toy.shapes.eval_prompts``) with attribute labels."""
+        from cdmbench.toy.shapes import eval_prompts
+
+        return eval_prompts()
+
+    @classmethod
+    def annotate_prompts(cls, prompts: list[Prompt]) -> list[Prompt]:
+        """Attribute labels (``meta[ATTRS]``) when every caption is in the shapes grammar, else the prompts as read."""
+        from cdmbench.toy.shapes import parse_caption
+
+        try:
+            attrs = [parse_caption(p.text) for p in prompts]
+        except CdmbenchError:
+            return prompts
+        return [Prompt(p.id, p.text, {**p.meta, ATTRS: a}) for p, a in zip(prompts, attrs)]
 
     def describe(self) -> dict:
         vae = None if self.vae is None else {k: self.record["vae"][k] for k in ("scaling_factor", "shift_factor", "arch", "seed", "steps")}

@@ -1,5 +1,8 @@
 """The generation phase: (row source, steps, prompts × seeds) → PNG files plus an append-only manifest.
 
+``generate_source`` runs every plan of one source (``cdmbench.eval.sources``) over its missing samples;
+the harness calls it once per source and nothing here calls back into the harness.
+
 A sample's identity is (prompt id, seed) (style.md principle 8; EDM ``generate.py``): its initial noise
 comes from its own generator, so it is the same at any batch size, on any shard, for every method and
 step count. The phase is resumable: an image whose manifest line (same weights hash, σ grid, CFG and
@@ -20,54 +23,23 @@ import io
 import json
 import logging
 import os
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from cdmbench.errors import CdmbenchError, CorruptStateError
-from cdmbench.io import atomic_path
+from cdmbench.eval.sources import Plan, Sampler
+from cdmbench.io import atomic_path, locked
 from cdmbench.seeding import StackedGenerator
-from cdmbench.prompts import Prompt
+from cdmbench.types import Prompt
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.jsonl"
 IMAGES = "images"
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What one (row source, steps) pair runs: its σ grid, CFG scale and NFE, or why it is skipped.
-
-    ``checkpoint`` is the weights hash (cache identity); ``checkpoint_label`` is what result rows show.
-    """
-
-    run: str
-    method: str  # method name, or "teacher"
-    arch: str
-    steps: int
-    checkpoint: str
-    checkpoint_label: str
-    sigmas_nominal: tuple[float, ...] = ()
-    sigmas_effective: tuple[float, ...] = ()
-    guidance: float = 1.0  # CFG scale, standard form (1 = none)
-    nfe: int | None = None  # network evaluations per sample; a CFG step counts twice
-    skipped: str = ""  # reason the source cannot sample at ``steps``; "" when it runs
-    row_run: str = ""  # the run name in result rows when ``run`` is an older checkpoint's image folder; "" = run
-    train: tuple[tuple[str, object], ...] = ()  # the weights' training record (``TRAIN_COLUMNS`` of a results row)
-
-
-class Sampler(Protocol):
-    """A row source bound to a built backbone: the teacher, or a method's student with loaded weights."""
-
-    def plan(self, steps: int) -> Plan: ...
-
-    def sample(self, noise: torch.Tensor, cond, steps: int, rng: StackedGenerator) -> torch.Tensor:
-        """Latents at σ = 0 for ``noise`` (B, *latent_shape)."""
 
 
 OnImage = Callable[[dict], None]  # called with each new manifest record, after it is written
@@ -76,6 +48,22 @@ OnImage = Callable[[dict], None]  # called with each new manifest record, after 
 def image_relpath(run: str, steps: int, prompt_id: str, seed: int) -> str:
     """Where an image lives, relative to the eval folder."""
     return f"{IMAGES}/{run}/{steps}/{prompt_id}_s{seed}.png"
+
+
+def process_share(device: str):
+    """(process_index, num_processes, wait_for_everyone, device): accelerate's PartialState under a
+    multi-process launch (each process on its own accelerator), else one process (accelerate not imported)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, lambda: None, device
+    from accelerate import PartialState
+
+    cpu = torch.device(device).type == "cpu"
+    state = PartialState(cpu=cpu)  # without cpu=True accelerate ignores a CPU multi-process launch
+    if state.num_processes != world:
+        raise CdmbenchError(f"WORLD_SIZE={world} but accelerate sees {state.num_processes} process(es); "
+                            f"launch with `accelerate launch` or `torchrun`")
+    return state.process_index, state.num_processes, state.wait_for_everyone, device if cpu else str(state.device)
 
 
 def shard(items: Sequence, process_index: int, num_processes: int) -> list:
@@ -273,4 +261,42 @@ def generate_images(
                 advance(1)
             if on_image is not None:
                 on_image(record)
+    return written
+
+
+def generate_source(
+    sampler: Sampler,
+    plans: Sequence[Plan],
+    backbone,
+    items: Sequence[tuple[Prompt, int]],
+    out: Path,
+    manifest: Manifest,
+    *,
+    batch_size: int,
+    process_index: int = 0,
+    on_image: OnImage | None = None,
+    progress=None,
+    lock_name: str = "",
+) -> int:
+    """Generate the missing ``items`` of every runnable plan of one source; returns how many were written.
+
+    Args:
+        progress: a ``rich.progress.Progress`` to add one task per plan to, or None.
+        lock_name: this share's name (e.g. "0of2"): each plan is planned and claimed under a lock file
+            ``OUT/cache/locks/<run>@<steps>-<lock_name>``, so a second eval of the share waits, then finds the images.
+    """
+    written = 0
+    for plan in plans:
+        if plan.skipped:
+            continue
+        with locked(out / "cache" / "locks" / f"{plan.run}@{plan.steps}-{lock_name}"):
+            todo = missing_items(plan, items, manifest.read(), out)
+            if not todo:
+                continue
+            advance = None
+            if progress is not None:
+                task = progress.add_task(f"generate {plan.run} @ {plan.steps} steps", total=len(todo))
+                advance = lambda k, t=task: progress.advance(t, k)  # noqa: E731
+            written += generate_images(sampler, plan, backbone, todo, out, manifest, batch_size=batch_size,
+                                       process_index=process_index, on_image=on_image, advance=advance)
     return written

@@ -1,56 +1,30 @@
 """The eval harness: every trained run (and the teacher) × step count → images → one tidy row per metric.
 
-Two phases with caches (style.md principle 8; baselines.md §D.2), both resumable after a kill:
-
-1. ``generate``: PNGs plus ``manifest.jsonl`` (``cdmbench.eval.generate``), shardable by (prompt, seed)
-   index across processes.
-2. ``score``: reads the images back from disk, runs every selected metric and appends rows to
-   ``results.csv`` (``cdmbench.eval.results``). A computed score is cached under ``cache/scores/``, keyed
-   by run, steps, metric, options and a hash of the exact image set, so re-running a finished eval only
-   reads caches, and rows already in the results file are not written twice.
-
-Row sources: a trained run (its student's EMA weights at the latest checkpoint, through
-``Method.sample``), and the teacher at its own step counts with CFG (``backbone.default_guidance``; NFE
-counts a CFG step as two). A step count a method cannot sample gives a "skipped: <reason>" row, a metric
+Two resumable phases with caches (style.md principle 8; baselines.md §D.2); this file resolves the config
+and runs them, one backbone alive at a time: ``generate`` writes PNGs plus ``manifest.jsonl``
+(``cdmbench.eval.generate``), shardable by (prompt, seed) index across processes, from the row sources of
+``cdmbench.eval.sources`` (trained runs through ``Method.sample``, the teacher at its own step counts with
+CFG, external pipelines); ``score`` reads them back and appends one row per metric to ``results.csv``
+(``cdmbench.eval.scoring``). A step count a method cannot sample gives a "skipped: <reason>" row, a metric
 that does not apply to the backbone a "not_applicable: <reason>" row.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import math
-import os
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-import torch
-
 from cdmbench.backbones.base import BackboneOptions
 from cdmbench.errors import CdmbenchError, UnknownNameError
-from cdmbench.eval.generate import (
-    MANIFEST,
-    Manifest,
-    OnImage,
-    Plan,
-    generate_images,
-    image_relpath,
-    is_cached,
-    missing_items,
-    read_pngs,
-    shard,
-)
-from cdmbench.eval.items import has_items, save_items
-from cdmbench.io import locked, read_json, write_json
+from cdmbench.eval.generate import MANIFEST, Manifest, OnImage, generate_source, process_share, shard
+from cdmbench.eval.scoring import RESULTS, Scorer
+from cdmbench.eval.sources import FileHashes, Plan, resolve_sources
+from cdmbench.io import write_json
 from cdmbench.paths import MAX_BATCH, MAX_INT, MAX_PROMPTS, MAX_SEEDS, MAX_STEPS, check_count, check_device, check_name
-from cdmbench.prompts import Prompt
+from cdmbench.types import Prompt
 
-RESULTS = "results.csv"
-SCORE_BATCH = 64  # images per metric update; fixed so scores never depend on --batch-size
-TEACHER = "teacher"
 CHECKPOINT_MODES = ("latest", "all")
 
 
@@ -63,7 +37,8 @@ class EvalConfig:
         steps: student step counts.
         runs: run names in ``WORKSPACE/runs``; None = every trained run.
         metrics: registered metric names; None = every registered metric.
-        prompts: prompt set name ("default", "toy") or a prompt file (``cdmbench.prompts``).
+        prompts: a bundled prompt set ("default": the backbone's own; ``cdmbench.prompts.bundled_sets``) or a
+            prompt file (``cdmbench.prompts``).
         num_prompts: use the first N prompts; None = all.
         seeds: seeds per prompt; a sample is (prompt id, seed).
         batch_size: generation batch size (images do not depend on it beyond float rounding).
@@ -115,7 +90,9 @@ class EvalConfig:
                 if m not in METRICS:
                     raise UnknownNameError(f"metrics: unknown metric {m!r}; valid metrics: {', '.join(METRICS.names())}")
         if not str(self.prompts).strip():
-            raise CdmbenchError("prompts: empty; pass a prompt set name (default, toy) or a prompt file")
+            from cdmbench.prompts import bundled_sets
+
+            raise CdmbenchError(f"prompts: empty; pass a prompt set name ({', '.join(bundled_sets())}) or a prompt file")
         if self.num_prompts is not None and (not isinstance(self.num_prompts, int) or self.num_prompts < 1):
             raise CdmbenchError(f"num_prompts must be a positive integer or None, got {self.num_prompts!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -163,266 +140,20 @@ def _check_names(name: str, values) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Row sources: trained runs and the teacher
-
-
-@dataclass(frozen=True)
-class RunSource:
-    """A trained run folder, evaluated with its student's EMA weights at one checkpoint (the latest, or an
-    older one under ``checkpoints="all"``: then ``name`` is ``RUN@STEP``, the folder of its images)."""
-
-    name: str
-    method: str
-    arch: str
-    run_dir: Path
-    checkpoint_dir: Path
-    finished: bool
-    steps: tuple[int, ...]
-    options: BackboneOptions
-    run: str = ""  # the run's name in result rows; "" = name
-
-    @property
-    def config(self):
-        from cdmbench.resume import read_run_config
-
-        return read_run_config(self.run_dir)
-
-    def sampler(self, backbone, hashes: "FileHashes") -> "StudentSampler":
-        return StudentSampler(self, backbone, hashes)
-
-
-@dataclass(frozen=True)
-class TeacherSource:
-    """The frozen teacher at its own step counts, with the backbone's default CFG."""
-
-    name: str
-    arch: str
-    steps: tuple[int, ...]
-    options: BackboneOptions
-    method: str = TEACHER
-    guidance: float | None = None  # None: the backbone's default teacher CFG
-
-    def sampler(self, backbone, hashes: "FileHashes") -> "TeacherSampler":
-        return TeacherSampler(self, backbone)
-
-
-class StudentSampler:
-    """``Method.sample`` of a run's student (EMA weights, loaded strictly on first use, so a fully cached
-    source never reads its weights)."""
-
-    def __init__(self, source: RunSource, backbone, hashes: "FileHashes"):
-        from cdmbench.methods import METHODS
-
-        cfg = source.config
-        self.source, self.backbone = source, backbone
-        self.method = METHODS.get(cfg.method)(backbone, cfg.method_config, training=False)
-        self.weights = source.checkpoint_dir / "student_ema.safetensors"
-        if not self.weights.is_file():
-            raise CdmbenchError(f"run {source.name!r}: checkpoint {source.checkpoint_dir} has no student_ema.safetensors")
-        self.hash = hashes.sha256(self.weights)
-        label = f"{source.checkpoint_dir.name} sha256:{self.hash[:12]}"
-        meta = read_json(source.checkpoint_dir / "meta.json", what="checkpoint meta")
-        if not source.finished and not source.run:
-            label += f" (unfinished run: latest checkpoint, iteration {meta.get('step')} of {cfg.train.steps})"
-        self.label = label
-        self.train = train_record(cfg, meta, read_json(source.run_dir / "config.json").get("world_size", 1))
-        self.loaded = False
-
-    def plan(self, steps: int) -> Plan:
-        s = self.source
-        base = dict(run=s.name, method=self.method.name, arch=self.backbone.name, steps=steps,
-                    checkpoint=self.hash, checkpoint_label=self.label, row_run=s.run, train=self.train)
-        try:
-            schedule = self.method.schedule(steps)  # check_steps inside: supported_steps as ClassVar or property
-        except CdmbenchError as e:
-            return Plan(**base, skipped=str(e))
-        return Plan(**base, sigmas_nominal=schedule.nominal, sigmas_effective=schedule.effective,
-                    guidance=1.0, nfe=int(self.method.nfe(steps)))
-
-    def sample(self, noise, cond, steps, rng):
-        if not self.loaded:
-            from cdmbench.io import load_safetensors
-
-            # strict, through the backbone: a full state dict, or LoRA adapters for a LoRA run
-            self.method.nets["student"] = self.backbone.load_net(load_safetensors(
-                self.weights, fix="resume the run's training (it falls back to an intact checkpoint) or retrain"))
-            self.loaded = True
-        return self.method.sample(noise, cond, steps, rng)
-
-
-def train_record(cfg, meta: dict, world_size: int) -> tuple[tuple[str, object], ...]:
-    """The ``TRAIN_COLUMNS`` of a checkpoint: training seed, iteration, compute so far, global batch."""
-    compute = meta.get("compute") or {}
-    teacher = (compute.get("passes") or {}).get("teacher") or {}
-    return (("train_seed", cfg.train.seed), ("train_step", meta.get("step")),
-            ("train_tflops", compute.get("train_tflops")), ("train_teacher_fwd", teacher.get("fwd_samples")),
-            ("train_minutes", meta.get("minutes")),
-            ("global_batch", cfg.train.batch_size * int(world_size) * int(getattr(cfg.train, "grad_accum", 1))))
-
-
-class TeacherSampler:
-    """Euler over ``backbone.schedule(steps)`` with the teacher under CFG."""
-
-    def __init__(self, source: TeacherSource, backbone):
-        self.source, self.backbone = source, backbone
-        g = source.guidance
-        self.guidance = float(backbone.default_guidance if g is None else g)
-        desc = backbone.describe()
-        self.hash = _net_fingerprint(backbone.teacher, desc)
-        self.label = f"{source.method} {desc.get('model') or 'default'} fingerprint:{self.hash[:12]}"
-
-    def plan(self, steps: int) -> Plan:
-        schedule = self.backbone.schedule(steps)
-        return Plan(self.source.name, self.source.method, self.backbone.name, steps, self.hash, self.label,
-                    schedule.nominal, schedule.effective, self.guidance,
-                    steps * (2 if self.guidance != 1.0 else 1))
-
-    def sample(self, noise, cond, steps, rng):
-        from cdmbench.sampling import Denoiser, sample_euler
-
-        bb = self.backbone
-        den = Denoiser(bb, bb.teacher, cond, bb.uncond(noise.shape[0]), self.guidance)
-        x = sample_euler(den, noise, bb.schedule(steps).sigmas(noise.device))
-        expected = self.plan(steps).nfe
-        if den.nfe != expected:  # the row's NFE must be what ran
-            raise RuntimeError(f"teacher ran {den.nfe} network evaluations at {steps} steps, the plan says {expected}")
-        return x
-
-
-def _net_fingerprint(net: torch.nn.Module, describe: dict) -> str:
-    """A cheap identity of a network's weights: per tensor its shape, dtype, a strided sample and its sum."""
-    h = hashlib.sha256(json.dumps(describe, sort_keys=True, default=str).encode())
-    with torch.no_grad():
-        for k, v in net.state_dict().items():
-            flat = v.detach().reshape(-1)
-            sample = flat[:: max(1, flat.numel() // 1024)][:1024].float().cpu().numpy()
-            h.update(f"{k}|{tuple(v.shape)}|{v.dtype}|{float(flat.double().sum())!r}".encode())
-            h.update(sample.tobytes())
-    return h.hexdigest()
-
-
-class FileHashes:
-    """sha256 of weight files, remembered by (path, size, mtime) in a JSON file so a re-run does not rehash."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        try:
-            self.table: dict = read_json(path) if path.is_file() else {}
-        except CdmbenchError:  # a cache: a damaged one is rebuilt
-            self.table = {}
-
-    def sha256(self, file: Path) -> str:
-        st = file.stat()
-        key = str(file.resolve())
-        entry = self.table.get(key)
-        if entry and entry["size"] == st.st_size and entry["mtime_ns"] == st.st_mtime_ns:
-            return entry["sha256"]
-        h = hashlib.sha256()
-        with open(file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        self.table[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest()}
-        write_json(self.path, self.table)
-        return h.hexdigest()
-
-
-# --------------------------------------------------------------------------------------------------
-# Resolving the config: sources, prompts, backbones
-
-
-def trained_runs(workspace: str | Path) -> dict[str, Path]:
-    """Run name → folder for every folder of ``WORKSPACE/runs`` with a config.json and a checkpoint."""
-    from cdmbench.checkpoint import latest_checkpoint
-
-    root = Path(workspace) / "runs"
-    if not root.is_dir():
-        return {}
-    return {p.name: p for p in sorted(root.iterdir())
-            if (p / "config.json").is_file() and latest_checkpoint(p) is not None}
+# The resolved config: sources grouped by backbone, prompts per arch, caches
 
 
 class _Eval:
     """A resolved ``EvalConfig``: row sources grouped by backbone, prompts per arch, caches."""
 
     def __init__(self, cfg: EvalConfig):
-        from cdmbench.backbones import BACKBONES
-        from cdmbench.checkpoint import latest_checkpoint
-
         self.cfg, self.out = cfg, cfg.out_dir
         self._console = None
-        available = trained_runs(cfg.workspace)
-        if cfg.runs is None:
-            names = list(available)
-        else:
-            names = list(cfg.runs)
-            for n in names:
-                if n not in available and (Path(cfg.workspace) / "runs" / n / "config.json").is_file():
-                    raise CdmbenchError(f"runs: run {n!r} has no checkpoint yet; wait for its first checkpoint")
-                if n not in available:
-                    have = ", ".join(available) or f"none (train one with `cdmbench train METHOD --workspace {cfg.workspace}`)"
-                    raise CdmbenchError(f"runs: no trained run {n!r} in {Path(cfg.workspace) / 'runs'}; available runs: {have}")
-        if cfg.runs is None:
-            for d in sorted((Path(cfg.workspace) / "runs").glob("*/config.json")):
-                if d.parent.name not in available:
-                    self.note(f"skipping run {d.parent.name}: no checkpoint yet")
-        runs: list[RunSource] = []
-        for n in names:
-            from cdmbench.resume import read_run_config
+        self.sources: list = resolve_sources(cfg, self.note)
+        if (self.out / RESULTS).is_file():  # a damaged results file is one line before anything is generated
+            from cdmbench.eval.results import read_results
 
-            d = available[n]
-            saved = read_run_config(d)
-            # gradient checkpointing only matters for training; without it runs share the teacher's backbone
-            opts = dataclasses.replace(saved.backbone, device=cfg.device, gradient_checkpointing=False)
-            finished = (d / "done.json").is_file()
-            if not finished:
-                self.note(f"run {n} is unfinished: evaluating its latest checkpoint {latest_checkpoint(d).name}")
-            latest = latest_checkpoint(d)
-            runs.append(RunSource(n, saved.method, saved.arch, d, latest, finished, cfg.steps, opts))
-            if cfg.checkpoints == "all":
-                from cdmbench.checkpoint import CKPT_DIR
-
-                for c in sorted((d / CKPT_DIR).glob("step_*")):
-                    if c.is_dir() and not c.name.endswith(".tmp") and c.name != latest.name:
-                        step = int(read_json(c / "meta.json")["step"])
-                        runs.append(RunSource(f"{n}@{step}", saved.method, saved.arch, d, c, finished, cfg.steps,
-                                              opts, run=n))
-        teachers: list[TeacherSource] = []
-        if cfg.teacher:
-            archs = list(dict.fromkeys([r.arch for r in runs] + ([cfg.arch] if cfg.arch else [])))
-            for arch in archs:
-                # the teacher of a LoRA run is the same frozen network: drop the adapter settings
-                options = list(dict.fromkeys(dataclasses.replace(r.options, lora_rank=0, lora_alpha=0.0)
-                                             for r in runs if r.arch == arch)) or [BackboneOptions(device=cfg.device)]
-                own = BACKBONES.get(arch).default_teacher_steps
-                steps = cfg.teacher_steps or tuple(sorted(set(cfg.steps) | {own}))
-                for i, opts in enumerate(options):
-                    name = f"{TEACHER}-{arch}" + (f"-{i}" if len(options) > 1 else "")
-                    if name in available:
-                        raise CdmbenchError(f"runs: a run folder is named {name!r}, the name of the teacher rows; rename it")
-                    teachers.append(TeacherSource(name, arch, steps, opts))
-        externals: list[TeacherSource] = []
-        for e in cfg.external:
-            name, _, target = e.partition("=")
-            target, _, g = target.rpartition("@") if "@" in target else (target, "", "")
-            arch = cfg.arch or (runs[0].arch if len({r.arch for r in runs}) == 1 and runs else None)
-            if arch is None:
-                raise CdmbenchError(f"external: --arch is needed to load {name.strip()!r} (which backbone class it is)")
-            try:
-                guidance = float(g) if g else 1.0
-            except ValueError:
-                raise CdmbenchError(f"external: guidance after '@' must be a number, got {g!r}") from None
-            if name.strip() in available or name.strip().startswith(TEACHER):
-                raise CdmbenchError(f"external: name {name.strip()!r} clashes with a run or the teacher rows")
-            externals.append(TeacherSource(name.strip(), arch, cfg.steps,
-                                           BackboneOptions(model=target.strip(), device=cfg.device),
-                                           method="external", guidance=guidance))
-        self.sources: list = [*teachers, *externals, *runs]
-        if not self.sources:
-            raise CdmbenchError(
-                f"nothing to evaluate: no trained runs in {Path(cfg.workspace) / 'runs'}; train one with "
-                f"`cdmbench train METHOD`, or pass --arch to evaluate the teacher alone"
-            )
-        self._check_state(externals, runs)
+            read_results(self.out / RESULTS)
         self.prompts = {arch: self._prompts(arch) for arch in dict.fromkeys(s.arch for s in self.sources)}
         self.hashes = FileHashes(self.out / "cache" / "file_hashes.json")
         self.manifest = Manifest(self.out / MANIFEST)
@@ -431,25 +162,6 @@ class _Eval:
             self.groups.setdefault((src.arch, src.options), []).append(src)
         self._plans: dict[str, list[Plan]] = {}
         self._loaded: tuple = (None, None)  # (group key, backbone)
-
-    def _check_state(self, externals: list, runs: list) -> None:
-        """Before anything is generated: every run's checkpoint verifies (headers, recorded sizes), every
-        external path exists, and an existing results file reads (corruption is one line, not half an eval)."""
-        from cdmbench.checkpoint import verify_checkpoint
-        from cdmbench.errors import CorruptStateError
-        from cdmbench.eval.results import read_results
-
-        for r in runs:
-            bad = verify_checkpoint(r.checkpoint_dir)
-            if bad:
-                raise CorruptStateError(f"run {r.name!r}: its latest checkpoint cannot be used: {bad}; resume its "
-                                        f"training (`cdmbench train ... --resume` falls back to an intact checkpoint)")
-        for e in externals:
-            m = str(e.options.model)
-            if (m.startswith((".", "/", "~")) or m.count("/") > 1) and not Path(m).expanduser().exists():
-                raise CdmbenchError(f"external {e.name!r}: {m} does not exist (a local pipeline folder, or a hub id)")
-        if (self.out / RESULTS).is_file():
-            read_results(self.out / RESULTS)
 
     def _prompts(self, arch: str) -> list[Prompt]:
         from cdmbench.prompts import load_prompt_set
@@ -516,7 +228,7 @@ def _progress(enabled: bool):
 
 
 # --------------------------------------------------------------------------------------------------
-# Phase 1: generation
+# The phases
 
 
 def generate(cfg: EvalConfig, *, process_index: int = 0, num_processes: int = 1,
@@ -532,30 +244,16 @@ def generate(cfg: EvalConfig, *, process_index: int = 0, num_processes: int = 1,
 
 
 def _generate(ev: _Eval, process_index: int, num_processes: int, on_image: OnImage | None) -> int:
-    cfg = ev.cfg
     shard([], process_index, num_processes)  # validate the split
     written = 0
-    with _progress(cfg.progress) as bar:
+    with _progress(ev.cfg.progress) as bar:
         for source, backbone, sampler, plans in ev.walk(with_sampler=True):
             mine = shard(ev.items(source.arch), process_index, num_processes)
-            for plan in plans:
-                if plan.skipped:
-                    continue
-                # plan-and-claim under a lock: a second eval of this share waits, then finds the images made
-                with locked(ev.out / "cache" / "locks" / f"{plan.run}@{plan.steps}-{process_index}of{num_processes}"):
-                    todo = missing_items(plan, mine, ev.manifest.read(), ev.out)
-                    if not todo:
-                        continue
-                    task = bar.add_task(f"generate {plan.run} @ {plan.steps} steps", total=len(todo))
-                    written += generate_images(sampler, plan, backbone, todo, ev.out, ev.manifest,
-                                               batch_size=cfg.batch_size, process_index=process_index,
-                                               on_image=on_image, advance=lambda k, t=task: bar.advance(t, k))
+            written += generate_source(sampler, plans, backbone, mine, ev.out, ev.manifest,
+                                       batch_size=ev.cfg.batch_size, process_index=process_index,
+                                       on_image=on_image, progress=bar, lock_name=f"{process_index}of{num_processes}")
             del sampler  # free the student before the next source builds its own
     return written
-
-
-# --------------------------------------------------------------------------------------------------
-# Phase 2: scoring
 
 
 def score(cfg: EvalConfig) -> Path:
@@ -567,188 +265,17 @@ def score(cfg: EvalConfig) -> Path:
 
 
 def _score(ev: _Eval) -> Path:
-    import pandas as pd
-
     from cdmbench.eval.metrics import METRICS, MetricOptions
-    from cdmbench.eval.results import RESULT_COLUMNS, append_rows, normalize, read_results
 
-    cfg = ev.cfg
+    scorer = Scorer(ev.out, list(ev.cfg.metrics or METRICS.names()), MetricOptions(device=ev.cfg.device), ev.sources)
     records = ev.manifest.read()
-    results = ev.out / RESULTS
-    names = list(cfg.metrics or METRICS.names())
-    options = MetricOptions(device=cfg.device)
-    built: dict[tuple[str, str], object] = {}
-    have = {_row_key(r) for r in read_results(results).to_dict("records")} if results.is_file() else set()
-
-    def metric(name: str, arch: str):
-        if (name, arch) not in built:
-            from cdmbench.eval.metrics import build_metric
-
-            built[(name, arch)] = build_metric(name, arch, options)
-        m = built[(name, arch)]
-        m.reset()
-        return m
-
-    with _progress(cfg.progress) as bar:
+    with _progress(ev.cfg.progress) as bar:
         task = bar.add_task("score", total=sum(len(s.steps) for s in ev.sources))
         for _, _, _, plans in ev.walk(with_sampler=False):
             for plan in plans:
-                rows = _score_plan(ev, plan, records, names, options, metric)
-                frame = normalize(pd.DataFrame(rows, columns=list(RESULT_COLUMNS)))
-                new = [r for r in frame.to_dict("records") if _row_key(r) not in have]
-                if new:  # keyed: rows another eval appended meanwhile are not written twice
-                    append_rows(results, new, key=_row_key)
-                    have.update(_row_key(r) for r in new)
+                scorer.write(scorer.score(plan, ev.items(plan.arch), records))
                 bar.advance(task)
-    return results
-
-
-def _score_plan(ev: _Eval, plan: Plan, records: dict, names: list[str], options, metric) -> list[dict]:
-    from cdmbench.eval.metrics import METRICS
-    from cdmbench.eval.metrics.sets import MetricSkipped
-
-    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    if plan.skipped:
-        return [_row(plan, n, METRICS.get(n).higher_is_better, status=f"skipped: {plan.skipped}", timestamp=now)
-                for n in names]
-    items = ev.items(plan.arch)
-    recs = [records.get(image_relpath(plan.run, plan.steps, p.id, s)) for p, s in items]
-    missing = sum(not is_cached(r, plan, p, ev.out) for r, (p, _) in zip(recs, items))
-    if missing:
-        raise CdmbenchError(f"{missing} of {len(items)} images of {plan.run} at {plan.steps} steps are missing from "
-                            f"{ev.out}; run the generation phase first (cdmbench eval does both)")
-    image_set = hashlib.sha256(json.dumps(
-        [[p.id, s, p.text, p.attrs, r["pixels_sha256"], r["checkpoint"]] for (p, s), r in zip(items, recs)]
-    ).encode()).hexdigest()
-
-    teacher_recs, no_teacher = _teacher_reference(ev, plan, items, records)
-    teacher_set = hashlib.sha256(json.dumps([r["pixels_sha256"] for r in teacher_recs or []]).encode()).hexdigest()
-    rows, todo = {}, []
-    for n in names:
-        cls = METRICS.get(n)
-        applies = cls.applies_to(plan.arch)
-        if not applies:
-            rows[n] = _row(plan, n, cls.higher_is_better, status=applies.status, timestamp=now)
-            continue
-        needs_teacher = getattr(cls, "needs_teacher", False)
-        if needs_teacher and no_teacher:
-            rows[n] = _row(plan, n, cls.higher_is_better, status=f"skipped: {no_teacher}", timestamp=now)
-            continue
-        key = _score_key(plan, n, image_set + (teacher_set if needs_teacher else ""), options)
-        cached = ev.out / "cache" / "scores" / f"{key}.json"
-        if cached.is_file() and (has_items(ev.out, plan.run, plan.steps, n) or not _keeps_items(cls)):
-            rows[n] = _row(plan, n, cls.higher_is_better, status="ok", **_read_score(cached))
-        else:
-            todo.append((n, cls, cached))
-    if todo:
-        built = [(n, cls, path, metric(n, plan.arch)) for n, cls, path in todo]
-        for lo in range(0, len(items), SCORE_BATCH):
-            chunk = items[lo:lo + SCORE_BATCH]
-            images = read_pngs([ev.out / r["path"] for r in recs[lo:lo + SCORE_BATCH]])
-            attrs = (torch.tensor([p.attrs for p, _ in chunk], dtype=torch.long)
-                     if all(p.attrs is not None for p, _ in chunk) else None)
-            teacher_images = None
-            for n, cls, _, m in built:
-                m.update(images, [p.text for p, _ in chunk], attrs)
-                if getattr(cls, "needs_teacher", False):
-                    if teacher_images is None:
-                        teacher_images = read_pngs([ev.out / r["path"] for r in teacher_recs[lo:lo + SCORE_BATCH]])
-                    m.update_teacher(teacher_images)
-        for n, cls, path, m in built:
-            try:
-                result = m.compute()
-            except MetricSkipped as e:  # e.g. one seed per prompt for a diversity metric: a row, not a crash
-                rows[n] = _row(plan, n, cls.higher_is_better, status=f"skipped: {e}", timestamp=now)
-                continue
-            save_items(ev.out, plan.run, plan.steps, m, result, [(p.id, s) for p, s in items], plan.checkpoint)
-            ci_low, ci_high = result.interval()
-            entry = {"value": float(result.value), "ci_low": ci_low, "ci_high": ci_high, "n": int(result.n),
-                     "protocol": m.protocol, "timestamp": now}
-            write_json(path, entry)  # atomic: a kill leaves no half entry
-            rows[n] = _row(plan, n, cls.higher_is_better, status="ok", **entry)
-    return [rows[n] for n in names]
-
-
-def _keeps_items(cls) -> bool:
-    """Whether scoring keeps per-item data for this metric class (``cdmbench.eval.items``)."""
-    return bool(getattr(cls, "per_image", False)) or hasattr(cls, "item_features")
-
-
-def _read_score(path: Path) -> dict:
-    """A cached score entry; a damaged one is one line naming the file (delete it to recompute)."""
-    from cdmbench.errors import CorruptStateError
-
-    entry = read_json(path, what="score cache entry", fix="delete it to compute the score again")
-    keys = {"value", "ci_low", "ci_high", "n", "protocol", "timestamp"}
-    if not isinstance(entry, dict) or set(entry) != keys:
-        raise CorruptStateError(f"score cache entry {path} is incomplete; delete it to compute the score again")
-    return entry
-
-
-def _teacher_reference(ev: _Eval, plan: Plan, items, records: dict) -> tuple[list | None, str]:
-    """Manifest records of the teacher's images for ``items`` at the backbone's reference steps and default CFG
-    (what teacher-fidelity metrics compare a row with), or (None, why they are not available)."""
-    from cdmbench.backbones import BACKBONES
-
-    ref_steps = BACKBONES.get(plan.arch).default_teacher_steps
-    teachers = [s for s in ev.sources if isinstance(s, TeacherSource) and s.method == TEACHER and s.arch == plan.arch
-                and s.guidance is None and ref_steps in s.steps]
-    if not teachers:
-        return None, f"no teacher rows at the reference {ref_steps} steps in this eval (keep --teacher and its default steps)"
-    if plan.run == teachers[0].name and plan.steps == ref_steps:
-        return None, "this is the teacher reference row itself"
-    recs = [records.get(image_relpath(teachers[0].name, ref_steps, p.id, s)) for p, s in items]
-    if any(r is None for r in recs):
-        return None, f"the teacher's {ref_steps}-step images of these items are not generated"
-    return recs, ""
-
-
-def _row(plan: Plan, metric: str, higher_is_better: bool, *, status: str, timestamp: str, value: float = math.nan,
-         ci_low: float = math.nan, ci_high: float = math.nan, n: int = 0, protocol: str = "") -> dict:
-    from cdmbench.eval.results import TRAIN_COLUMNS
-
-    train = dict(plan.train)
-    return {
-        **{c: train.get(c) for c in TRAIN_COLUMNS},
-        "run": plan.row_run or plan.run, "method": plan.method, "arch": plan.arch, "steps": plan.steps, "metric": metric,
-        "value": value, "ci_low": ci_low, "ci_high": ci_high, "n": n, "higher_is_better": higher_is_better,
-        "protocol": protocol, "nfe": plan.nfe,
-        "sigmas_nominal": json.dumps([round(s, 6) for s in plan.sigmas_nominal]),
-        "sigmas_effective": json.dumps([round(s, 6) for s in plan.sigmas_effective]),
-        "guidance": plan.guidance, "checkpoint": plan.checkpoint_label, "timestamp": timestamp, "status": status,
-    }
-
-
-def _score_key(plan: Plan, metric: str, image_set: str, options) -> str:
-    import cdmbench
-
-    ident = {"run": plan.run, "steps": plan.steps, "metric": metric, "arch": plan.arch, "images": image_set,
-             "options": dataclasses.asdict(options), "cdmbench": cdmbench.__version__}
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
-
-
-def _row_key(row: dict) -> tuple:
-    """A row's identity for "already in the results file": every column but the timestamp."""
-
-    def fmt(v):
-        if v is None or (isinstance(v, float) and math.isnan(v)):
-            return "nan"
-        try:
-            import pandas as pd
-
-            if v is pd.NA:
-                return "nan"
-        except ImportError:  # pragma: no cover
-            pass
-        if isinstance(v, float):
-            return f"{v:.12g}"
-        return str(v)
-
-    return tuple(fmt(v) for k, v in row.items() if k != "timestamp")
-
-
-# --------------------------------------------------------------------------------------------------
-# Both phases
+    return scorer.results
 
 
 def run_eval(cfg: EvalConfig, *, on_image: OnImage | None = None) -> Path:
@@ -757,7 +284,7 @@ def run_eval(cfg: EvalConfig, *, on_image: OnImage | None = None) -> Path:
     Returns the results file (``OUT/results.csv``). Under a multi-process launch the other processes
     return once every share is generated, without waiting for the scores (no collective runs after that).
     """
-    index, count, barrier, device = _process_group(cfg.device)
+    index, count, barrier, device = process_share(cfg.device)
     ev = _Eval(dataclasses.replace(cfg, device=device))
     _generate(ev, index, count, on_image)
     ev.release()
@@ -768,19 +295,3 @@ def run_eval(cfg: EvalConfig, *, on_image: OnImage | None = None) -> Path:
     write_json(ev.out / "eval_config.json", {**dataclasses.asdict(ev.cfg), "num_prompts_used": {
         arch: len(p) for arch, p in ev.prompts.items()}})
     return _score(ev)
-
-
-def _process_group(device: str):
-    """(process_index, num_processes, wait_for_everyone, device): accelerate's PartialState under a
-    multi-process launch (each process on its own accelerator), else one process (accelerate not imported)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, lambda: None, device
-    from accelerate import PartialState
-
-    cpu = torch.device(device).type == "cpu"
-    state = PartialState(cpu=cpu)  # without cpu=True accelerate ignores a CPU multi-process launch
-    if state.num_processes != world:
-        raise CdmbenchError(f"WORLD_SIZE={world} but accelerate sees {state.num_processes} process(es); "
-                            f"launch with `accelerate launch` or `torchrun`")
-    return state.process_index, state.num_processes, state.wait_for_everyone, device if cpu else str(state.device)

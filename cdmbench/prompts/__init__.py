@@ -1,4 +1,4 @@
-"""Evaluation prompt sets: the bundled toy set and prompt files in the formats benchmarks ship.
+"""Evaluation prompt sets: a backbone's bundled set and prompt files in the formats benchmarks ship.
 
 A prompt's identity is its id (style.md principle 8): ``<file stem>-<index>`` for files, where the
 index is the 0-based line (txt, jsonl), data row (csv, tsv) or list position (json) in the file, so an
@@ -24,47 +24,55 @@ import re
 from pathlib import Path
 
 from cdmbench.errors import CdmbenchError
-from cdmbench.toy.shapes import Prompt
+from cdmbench.types import Prompt
 
-__all__ = ["Prompt", "load_prompt_set", "BUNDLED_SETS", "CAPTION_COLUMNS", "SUFFIXES"]
+__all__ = ["Prompt", "load_prompt_set", "bundled_sets", "read_prompt_file", "CAPTION_COLUMNS", "SUFFIXES"]
 
-BUNDLED_SETS = ("default", "toy")  # "default": the backbone's own set (the toy has one; real backbones do not)
 CAPTION_COLUMNS = ("prompt", "prompts", "caption", "text")
 SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".tsv")
+
+
+def bundled_sets() -> list[str]:
+    """Names of the bundled sets: "default" (the evaluated backbone's own set) and the name of every
+    registered backbone that bundles one (its set, on any backbone)."""
+    from cdmbench.backbones import BACKBONES
+
+    return ["default", *(n for n in BACKBONES.names() if BACKBONES.get(n).prompt_set() is not None)]
 
 
 def load_prompt_set(name_or_path: str | Path, backbone_name: str) -> list[Prompt]:
     """The prompts of a bundled set or a prompt file, in file order.
 
     Args:
-        name_or_path: "default" (the backbone's bundled set), "toy" (the fixed, versioned toy grammar set,
-            ``cdmbench.toy.shapes.eval_prompts``), or a path to a .txt/.jsonl/.json/.csv/.tsv file.
-        backbone_name: the backbone the prompts are for. On the toy backbone, file prompts written in the
-            shapes grammar also get their attribute labels (``attrs``), which attribute accuracy needs.
+        name_or_path: "default" (the backbone's bundled set, ``Backbone.prompt_set``), the name of a backbone
+            that bundles a set (e.g. "toy": the fixed, versioned toy grammar set), or a path to a
+            .txt/.jsonl/.json/.csv/.tsv file.
+        backbone_name: the backbone the prompts are for; it attaches its metadata to file prompts
+            (``Backbone.annotate_prompts``; the toy adds attribute labels to captions in its grammar).
 
     Raises:
-        CdmbenchError: an unknown name, a real backbone asked for "default", or an empty or malformed file
-            (one line naming the file and the problem).
+        CdmbenchError: an unknown name, a backbone without a bundled set asked for "default", or an empty or
+            malformed file (one line naming the file and the problem).
     """
-    from cdmbench.eval.metrics.base import backbone_domain
+    from cdmbench.backbones import BACKBONES
 
+    backbone = BACKBONES.get(backbone_name)
     name = str(name_or_path)
-    toy = backbone_domain(backbone_name) == "shapes"
-    if name in BUNDLED_SETS:
-        if name == "default" and not toy:
+    if name == "default" or name in BACKBONES:
+        prompts = (backbone if name == "default" else BACKBONES.get(name)).prompt_set()
+        if prompts is not None:
+            return prompts
+        if name == "default":
             raise CdmbenchError(
                 f"backbone {backbone_name!r} has no bundled default prompt set; pass a prompt file with "
                 f"--prompts FILE ({', '.join(SUFFIXES)}), e.g. PartiPrompts.tsv, DrawBench.csv or a COCO captions json"
             )
-        from cdmbench.toy.shapes import eval_prompts
-
-        return eval_prompts()
     path = Path(name).expanduser()
     if not path.is_file():
         hint = "" if path.suffix in SUFFIXES else f", or a prompt file ({', '.join(SUFFIXES)})"
-        raise CdmbenchError(f"prompts: {name!r} is neither an existing file nor a bundled set ({', '.join(BUNDLED_SETS)}{hint})")
-    prompts = read_prompt_file(path)
-    return _with_toy_attrs(prompts) if toy else prompts
+        raise CdmbenchError(f"prompts: {name!r} is neither an existing file nor a bundled set "
+                            f"({', '.join(bundled_sets())}{hint})")
+    return backbone.annotate_prompts(read_prompt_file(path))
 
 
 def read_prompt_file(path: str | Path) -> list[Prompt]:
@@ -173,14 +181,3 @@ def _caption(record, path: Path, where: str) -> str:
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", str(name)).strip("-")
-
-
-def _with_toy_attrs(prompts: list[Prompt]) -> list[Prompt]:
-    """Attach attribute labels when every caption is in the shapes grammar (else leave them None)."""
-    from cdmbench.toy.shapes import parse_caption
-
-    try:
-        attrs = [parse_caption(p.text) for p in prompts]
-    except CdmbenchError:
-        return prompts
-    return [Prompt(p.id, p.text, a) for p, a in zip(prompts, attrs)]

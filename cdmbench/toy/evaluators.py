@@ -1,11 +1,14 @@
 """Toy evaluators: an attribute classifier and a tiny open_clip CLIP, trained on the procedural shapes.
 
-They stand in for the real-world scorers on the toy backbone, through the same code paths:
+They stand in for the real-world scorers on the toy backbone, through the same code paths: the toy
+backbone declares them (``ToyBackbone.evaluators`` → ``fid_features``, ``clip_model``, ``attribute_model``)
+and the eval metrics receive them injected, as they would receive any backbone's models.
 
 - ``ShapeClassifier`` predicts the four caption attributes. Attribute accuracy is GenEval-like
   (Ghosh et al. 2023): an image counts as correct only if every attribute the prompt names is right.
   Its penultimate features are the toy FID's feature space (Heusel et al. 2017), with reference
-  statistics of real images for the fixed eval prompt set shipped beside it.
+  statistics of real images for the fixed eval prompt set shipped beside it; the distance is the eval
+  layer's one ``cdmbench.eval.metrics.fid`` path.
 - The toy CLIP is an ``open_clip.model.CLIP`` built from a small custom config
   (``assets/open_clip/toy-clip.json``) with open_clip's default BPE tokenizer, so the toy CLIP score
   runs the same ``encode_image``/``encode_text`` code as a real open_clip model.
@@ -115,21 +118,6 @@ class ShapeClassifier(nn.Module):
         return {"width": self.width, "num_features": self.num_features}
 
 
-class ToyFIDFeatures(nn.Module):
-    """``forward = classifier.features``: the torchmetrics ``FrechetInceptionDistance(feature=...)`` protocol.
-
-    Use with ``normalize=True`` so torchmetrics passes the float [0, 1] images through unchanged.
-    """
-
-    def __init__(self, classifier: ShapeClassifier):
-        super().__init__()
-        self.classifier = classifier
-        self.num_features = classifier.num_features
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.classifier.features(images)
-
-
 def default_classifier_path() -> Path:
     return assets_dir() / CLASSIFIER_ASSET
 
@@ -183,43 +171,7 @@ def per_attribute_accuracy(pred: torch.Tensor, target: torch.Tensor) -> dict[str
 
 
 # ----------------------------------------------------------------------------------------------------
-# Toy FID: Fréchet distance of classifier features against shipped real-image statistics.
-
-
-@torch.no_grad()
-def classifier_features(classifier: ShapeClassifier, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """(B, num_features) float64 toy-FID features of images in [0, 1]."""
-    check_images(images)
-    return torch.cat([classifier.features(chunk).double() for chunk in images.split(batch_size)])
-
-
-def feature_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean (F,), covariance (F, F)) in float64, covariance unbiased (N − 1), as in FID."""
-    if features.ndim != 2 or features.shape[0] < 2:
-        raise CdmbenchError(f"features: expected shape (N >= 2, F), got {tuple(features.shape)}")
-    f = features.double()
-    return f.mean(dim=0), torch.cov(f.T)
-
-
-@contextmanager
-def _single_thread() -> Iterator[None]:
-    """Run small LAPACK calls on one thread: measured on 2 busy cores, a 128×128 ``eigh`` took 0.7 s
-    with 2 torch threads and 1 ms with one (threads spin-waiting on a core another process holds)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """The project's one Fréchet distance (``cdmbench.eval.metrics.fid.frechet_distance``, float64), run on
-    one thread: on a shared 2-core machine threaded LAPACK calls on 128×128 matrices can stall."""
-    from cdmbench.eval.metrics.fid import frechet_distance as fd
-
-    with _single_thread():
-        return fd(mu1, sigma1, mu2, sigma2)
+# Toy FID: classifier features against shipped real-image statistics (the distance is eval's FID).
 
 
 def default_fid_reference_path() -> Path:
@@ -357,12 +309,48 @@ def load_toy_clip(path: str | Path | None = None) -> tuple[nn.Module, ToyClipPre
     return model, ToyClipPreprocess.for_model(model), open_clip.get_tokenizer(CLIP_MODEL_NAME)
 
 
-@torch.no_grad()
-def clip_cosine(model: nn.Module, preprocess: ToyClipPreprocess, tokenizer: Tokenizer, images: torch.Tensor,
-                captions: list[str]) -> torch.Tensor:
-    """(B,) cosine similarity of each image with its caption (the CLIP score is 100 × max(cos, 0))."""
-    if len(captions) != images.shape[0]:
-        raise CdmbenchError(f"captions: expected {images.shape[0]} captions (one per image), got {len(captions)}")
-    img = model.encode_image(preprocess(images), normalize=True)
-    txt = model.encode_text(tokenizer(captions), normalize=True)
-    return (img * txt).sum(dim=1)
+# ----------------------------------------------------------------------------------------------------
+# What the toy backbone declares to the eval layer (``ToyBackbone.evaluators``; cdmbench.types.Evaluators).
+
+
+def fid_features(device: str = "cpu"):
+    """The toy FID feature space: ``ShapeClassifier.features`` and the shipped reference statistics, which
+    must come from the same classifier file (``extractor_sha256``)."""
+    import numpy as np
+
+    from cdmbench.eval.metrics.fid import FIDFeatures, ReferenceStats
+
+    clf = load_toy_classifier().to(device).eval()
+
+    def shipped_reference() -> ReferenceStats:
+        mu, sigma, meta = load_toy_fid_reference()
+        meta = dict(meta or {})
+        sha = meta.get("extractor_sha256")
+        if sha is not None and sha != file_sha256(default_classifier_path()):
+            raise CdmbenchError(
+                "the shipped toy FID reference was computed with another toy classifier file; rebuild the assets"
+            )
+        name = f"toy-shipped:{meta.get('version', 'unversioned')}"
+        mu, sigma = (np.asarray(t.detach().cpu().double().numpy(), np.float64) for t in (mu, sigma))
+        return ReferenceStats(mu, sigma, name, meta.get("n"), meta)
+
+    return FIDFeatures(lambda images: clf.features(images.to(device)),
+                       f"toy-classifier-features-{clf.num_features}|float64", shipped_reference)
+
+
+def clip_model(device: str = "cpu"):
+    """The toy CLIP as the CLIP score's model (no resizing: it sees 32×32 as generated)."""
+    from cdmbench.eval.metrics.clip_score import ClipModel
+
+    model, preprocess, tokenizer = load_toy_clip()
+    return ClipModel(model.to(device), preprocess, tokenizer, "toy-clip")
+
+
+def attribute_model(device: str = "cpu"):
+    """The toy classifier as attribute accuracy's predictor: (B, 4) labels ordered as ``shapes.ATTRIBUTES``,
+    checked against the labels ``Prompt.meta[ATTRS]`` of the toy prompts."""
+    from cdmbench.eval.metrics.attr_acc import AttributeModel
+
+    clf = load_toy_classifier().to(device).eval()
+    return AttributeModel(lambda images: attribute_predictions(clf, images.to(device)), "toy-classifier",
+                          len(ATTRIBUTES))

@@ -238,3 +238,30 @@ def reference_scales(n: int = 4096, seed: int = HELDOUT_SEED + 1) -> torch.Tenso
     model = load_factor_regressor()
     preds = [model(images, attrs) for images, attrs, _ in _batches(n, seed)]
     return torch.cat(preds).std(dim=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# What the toy backbone declares to the eval layer (``ToyBackbone.evaluators``)
+
+
+def reference_images(device: str = "cpu"):
+    """Real renders of a caption (``reference_renders``, keyed by the caption and its attribute labels),
+    for the metrics that compare with real images of the same prompt (PRDC, detail, factor_w1)."""
+    from cdmbench.eval.metrics.sets import ReferenceImages
+    from cdmbench.types import ATTRS
+
+    def render(prompt, n: int) -> torch.Tensor:
+        attrs = prompt.meta.get(ATTRS)
+        if attrs is None:
+            raise CdmbenchError(f"real toy renders need the prompt's attribute labels (meta[{ATTRS!r}]): {prompt.text!r}")
+        return reference_renders(prompt.text, tuple(int(a) for a in attrs), n)
+
+    return ReferenceImages(render, REFERENCE_SEEDS, "real-renders")
+
+
+def factor_model(device: str = "cpu"):
+    """The shipped free-factor regressor (``FactorRegressor``) with the factors' spread over real renders."""
+    from cdmbench.eval.metrics.factor_coverage import FactorModel
+
+    model = load_factor_regressor()
+    return FactorModel(model, reference_scales().numpy(), FACTORS_VERSION)

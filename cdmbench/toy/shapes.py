@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from cdmbench.errors import CdmbenchError
+from cdmbench.types import ATTRS, Prompt
 
 RESOLUTION = 32
 SHAPES = ("circle", "square", "triangle")
@@ -41,15 +42,6 @@ VOCAB = sorted(
     {w for t in _TEMPLATES for w in re.findall(r"[a-z]+", t.format(size="", color="", shape="", position=""))}
     | set(SHAPES) | set(COLORS) | set(SIZES) | {w for p in POSITIONS for w in p.split()}
 )
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """An evaluation prompt: stable id, caption text and (for the toy) its attribute labels."""
-
-    id: str
-    text: str
-    attrs: tuple[int, int, int, int] | None = None
 
 
 def caption(attrs: tuple[int, int, int, int] | torch.Tensor, template: int = 0) -> str:
@@ -174,14 +166,15 @@ PROMPT_SET_VERSION = "toy-v1"
 
 
 def eval_prompts() -> list[Prompt]:
-    """The fixed, versioned toy prompt set: every attribute combination once, template 0 (96 prompts)."""
+    """The fixed, versioned toy prompt set: every attribute combination once, template 0 (96 prompts), each
+    with its attribute labels in ``meta[ATTRS]``."""
     out = []
     for s in range(len(SHAPES)):
         for c in range(len(COLORS)):
             for p in range(len(POSITIONS)):
                 for z in range(len(SIZES)):
                     a = (s, c, p, z)
-                    out.append(Prompt(f"{PROMPT_SET_VERSION}-{len(out):03d}", caption(a), a))
+                    out.append(Prompt(f"{PROMPT_SET_VERSION}-{len(out):03d}", caption(a), {ATTRS: a}))
     return out
 
 
@@ -193,5 +186,5 @@ def real_images_for(prompts: list[Prompt], seeds: list[int]) -> torch.Tensor:
     for p in prompts:
         for s in seeds:
             g = torch.Generator().manual_seed(sample_seed("real:" + p.id, s))
-            imgs.append(render(torch.tensor([p.attrs]), g)[0])
+            imgs.append(render(torch.tensor([p.meta[ATTRS]]), g)[0])
     return torch.stack(imgs)

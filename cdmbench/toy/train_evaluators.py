@@ -27,6 +27,7 @@ from cdmbench.io import save_safetensors
 from cdmbench.toy import evaluators as ev
 from cdmbench.toy import shapes
 from cdmbench.toy.shapes import ATTRIBUTES, ShapesStream
+from cdmbench.types import ATTRS
 
 FID_REF_SEEDS = tuple(range(1000, 1050))  # 96 prompts × 50 seeds = 4,800 real images
 HELDOUT_SEED = 99_991  # stream seed of the held-out images measured at the end of training
@@ -190,7 +191,7 @@ def clip_heldout_metrics(model, preprocess, tokenizer, n: int, seed: int = HELDO
     prompts = shapes.eval_prompts()
     bank = model.encode_text(tokenizer([p.text for p in prompts]), normalize=True)
     best = (img @ bank.T).argmax(dim=1)
-    prompt_attrs = torch.tensor([p.attrs for p in prompts])
+    prompt_attrs = torch.tensor([p.meta[ATTRS] for p in prompts])
     return {
         "rank_accuracy": float((own > other)[differ].float().mean()),
         "top1_96": float((prompt_attrs[best] == attrs).all(dim=1).float().mean()),
@@ -284,6 +285,8 @@ def build_fid_reference(
     progress: bool = True,
 ) -> dict:
     """Save float64 mean and covariance of classifier features of ``real_images_for(eval_prompts(), seeds)``."""
+    from cdmbench.eval.metrics.fid import ReferenceStats
+
     classifier_path = Path(classifier_path) if classifier_path is not None else ev.default_classifier_path()
     classifier = ev.load_toy_classifier(classifier_path)
     prompts = shapes.eval_prompts()
@@ -291,9 +294,11 @@ def build_fid_reference(
     with _progress(progress) as bar:
         task = bar.add_task("toy FID reference", total=len(prompts))
         for p in prompts:  # one prompt at a time keeps memory flat
-            feats.append(ev.classifier_features(classifier, shapes.real_images_for([p], list(seeds))))
+            with torch.no_grad():
+                feats.append(classifier.features(shapes.real_images_for([p], list(seeds))).double())
             bar.advance(task)
-    mu, sigma = ev.feature_statistics(torch.cat(feats))
+    ref = ReferenceStats.from_features(torch.cat(feats), "toy")  # the eval FID's own statistics (np.cov, N − 1)
+    mu, sigma = torch.from_numpy(ref.mu), torch.from_numpy(ref.sigma)
     record = {
         "version": ev.TOY_FID_VERSION, "extractor": "ShapeClassifier.features",
         "extractor_file": classifier_path.name,

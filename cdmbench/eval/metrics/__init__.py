@@ -1,13 +1,15 @@
 """The metric registry (style.md principles 5, 9, 10).
 
-``METRICS.get(name)`` is a ``Metric`` class; ``build_metric(name, backbone_name, options)`` builds it
-with the real or toy model. Importing this package imports each metric module to register it, and no
-metric module imports open_clip, torchmetrics, clean-fid, transformers or image-reward at import time.
+``METRICS.get(name)`` is a ``Metric`` class; ``build_metric(name, evaluators, options)`` builds it with
+the models a backbone declares (``Backbone.evaluators()``) or the real defaults. Importing this package
+imports each metric module to register it; no metric module imports open_clip, torchmetrics, clean-fid,
+transformers or image-reward at import time, and none imports a backbone.
 """
 
 from __future__ import annotations
 
 from cdmbench.registry import Registry
+from cdmbench.types import Evaluators
 
 METRICS: Registry = Registry("metric", entry_point_group="cdmbench.metrics")
 register = METRICS.register
@@ -26,13 +28,13 @@ from cdmbench.eval.metrics import (  # noqa: E402,F401  (register)
 )
 
 
-def build_metric(name: str, backbone_name: str, options: MetricOptions | None = None) -> Metric:
-    """The registered metric ``name`` with the model for ``backbone_name`` (loads weights; nothing is
-    downloaded unless the user opted in, ``base.downloads_allowed``)."""
+def build_metric(name: str, evaluators: Evaluators | None = None, options: MetricOptions | None = None) -> Metric:
+    """The registered metric ``name`` with the models ``evaluators`` declares (None: the real defaults); loads
+    weights, and nothing is downloaded unless the user opted in (``base.downloads_allowed``)."""
     from cdmbench.eval.metrics.base import no_downloads_unless_allowed
 
     with no_downloads_unless_allowed():
-        return METRICS.get(name).from_options(backbone_name, options)
+        return METRICS.get(name).from_options(evaluators or Evaluators(), options)
 
 
 __all__ = [

@@ -262,6 +262,38 @@ def build_imagereward(
     return model.to(device).eval()
 
 
+TINY_WORDS = "a an the red green blue yellow circle square triangle in at top bottom left right small large photo of dog"
+TINY_VOCAB = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *TINY_WORDS.split())
+TINY_VIT = VitSpec(image_size=64, patch_size=32, width=64, depth=2, heads=1)
+
+
+def tiny_med_config(vocab_size: int) -> dict:
+    """ImageReward's med_config.json with a 1-layer BERT (hidden 768 is fixed by the reward head)."""
+    return {
+        "architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.1, "hidden_size": TEXT_WIDTH, "initializer_range": 0.02, "intermediate_size": 64,
+        "layer_norm_eps": 1e-12, "max_position_embeddings": 64, "model_type": "bert", "num_attention_heads": 12,
+        "num_hidden_layers": 1, "pad_token_id": 0, "type_vocab_size": 2, "vocab_size": vocab_size,
+        "encoder_width": 768, "add_cross_attention": True,
+    }
+
+
+def build_tiny_imagereward(folder: str | Path, seed: int = 0) -> torch.nn.Module:
+    """A random small ImageReward (tests), with ``vocab.txt`` and ``med_config.json`` written to ``folder``
+    as a user's files are; its reward head is widened so that prompts and images move the score."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(TINY_VOCAB) + "\n")
+    (folder / "med_config.json").write_text(json.dumps(tiny_med_config(len(TINY_VOCAB) + 2)))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_imagereward(folder / "med_config.json", load_bert_tokenizer(folder / "vocab.txt"), TINY_VIT)
+        with torch.no_grad():  # the stock head init gives near-constant rewards
+            for p in model.mlp.parameters():
+                p.normal_(0, 0.3)
+    return model.eval()
+
+
 def load_imagereward(
     checkpoint: str | Path, med_config: str | Path, tokenizer_path: str | Path, device: str = "cpu"
 ) -> torch.nn.Module:

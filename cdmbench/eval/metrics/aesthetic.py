@@ -15,8 +15,9 @@ from torch import nn
 
 from cdmbench.errors import CdmbenchError
 from cdmbench.eval.metrics import METRICS
-from cdmbench.eval.metrics.base import Applicability, MetricOptions, PerImageMetric, backbone_domain, resolve_weights
+from cdmbench.eval.metrics.base import MetricOptions, PerImageMetric, resolve_weights
 from cdmbench.eval.metrics.hf_clip import image_embeddings, load_hf_clip
+from cdmbench.types import Evaluators
 
 AESTHETIC_CLIP = "openai/clip-vit-large-patch14"
 AESTHETIC_REPO = "trl-lib/ddpo-aesthetic-predictor"
@@ -83,21 +84,29 @@ class Aesthetic(PerImageMetric):
         self.model, self.processor, self.mlp = model.eval(), processor, mlp.eval()
         self.protocol = f"aesthetic|laion-improved-v2|{source}|l2-normalised-embedding"
 
-    @classmethod
-    def applies_to(cls, backbone_name: str) -> Applicability:
-        if backbone_domain(backbone_name) == "shapes":
-            return Applicability(False, "the aesthetic predictor rates natural images; the toy draws 32x32 shapes")
-        return Applicability(True)
-
-    def score_batch(self, images, prompts, attrs):
+    def score_batch(self, images, prompts):
         return aesthetic_scores(self.model, self.processor, self.mlp, images)
 
     @classmethod
-    def from_options(cls, backbone_name: str, options: MetricOptions | None = None) -> "Aesthetic":
+    def tiny(cls, workdir) -> "Aesthetic":
+        """The aesthetic path on a random tiny CLIPModel and a random head."""
+        from pathlib import Path
+
+        from cdmbench.eval.metrics.hf_clip import build_tiny_hf_clip
+
+        folder = str(build_tiny_hf_clip(Path(workdir) / "tiny-hf-clip"))
+        model, processor = load_hf_clip(folder, folder, "cpu", "tiny CLIP", "")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            mlp = AestheticMLP(model.config.projection_dim).eval()
+        return cls(model, processor, mlp, "tiny-random")
+
+    @classmethod
+    def from_options(cls, evaluators: Evaluators, options: MetricOptions | None = None) -> "Aesthetic":
         """CLIP from ``aesthetic_clip`` / $CDMBENCH_AESTHETIC_CLIP / the hub cache of openai/clip-vit-large-patch14
         (its own processor); MLP from ``aesthetic_path`` / $CDMBENCH_AESTHETIC_PATH / the hub cache of
         trl-lib/ddpo-aesthetic-predictor."""
-        cls._require_applicable(backbone_name)
+        cls._require_applicable(evaluators)
         options = options or MetricOptions()
         clip_src = options.env("aesthetic_clip", AESTHETIC_CLIP_ENV, AESTHETIC_CLIP)
         mlp_path = resolve_weights(options.env("aesthetic_path", AESTHETIC_ENV), AESTHETIC_REPO, AESTHETIC_FILE,

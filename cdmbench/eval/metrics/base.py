@@ -1,9 +1,11 @@
 """The metric protocol: update/compute/reset plus declared metadata (style.md principle 9; torchmetrics).
 
-Every metric takes a batch of images ``(B, 3, H, W)`` float in [0, 1], the batch's prompts and, for the
-toy backbone, the prompts' attribute labels ``(B, 4)``. Heavy models are injected into the constructor
-(principle 10); ``from_options(backbone_name, options)`` builds the real or toy model from local paths
-and is the only place that loads weights. Nothing heavy is imported at module import.
+Every metric takes a batch of images ``(B, 3, H, W)`` float in [0, 1] and the batch's prompts
+(``cdmbench.types.Prompt``, whose free-form ``meta`` carries what a backbone attached, or plain strings).
+Heavy models are injected into the constructor (principle 10); ``from_options(evaluators, options)``
+builds the metric with the models a backbone declares (``cdmbench.types.Evaluators``), falling back to
+the real defaults from local paths, and is the only place that loads weights. Nothing heavy is imported
+at module import, and no metric knows any backbone.
 """
 
 from __future__ import annotations
@@ -13,22 +15,15 @@ from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import torch
 
 from cdmbench.errors import CdmbenchError, MissingWeightsError
+from cdmbench.types import Evaluators, Prompt
 
-Domain = Literal["shapes", "natural"]
-
-
-def backbone_domain(backbone_name: str) -> Domain:
-    """The backbone's declared ``image_domain``: "shapes" for the procedural shapes (the toy evaluators replace
-    Inception FID and CLIP; ImageReward and HPS do not apply), "natural" for text-to-image backbones."""
-    from cdmbench.backbones import BACKBONES
-
-    return BACKBONES.get(backbone_name).image_domain
+PromptLike = Prompt | str  # a plain string is a prompt without metadata
 
 
 # --------------------------------------------------------------------------------------------------
@@ -118,7 +113,7 @@ class MetricOptions:
     named in the comment, else the documented default"; see each metric's ``from_options``."""
 
     device: str = "cpu"  # torch device the scorer runs on
-    # FID. The reference: a folder of images or an .npz with mu/sigma; $CDMBENCH_FID_REF; toy: the shipped stats
+    # FID. The reference: a folder of images or an .npz with mu/sigma; $CDMBENCH_FID_REF; a backbone's declared stats win over the env
     fid_reference: str | None = None
     inception_path: str | None = None  # clean-fid's inception-2015-12-05.pt (file or folder); $CDMBENCH_INCEPTION_PATH
     # CLIP score (open_clip)
@@ -225,8 +220,9 @@ def resolve_weights(explicit: str | None, repo: str, filename: str, what: str, h
 # The protocol
 
 
-def check_batch(images: torch.Tensor, prompts: list[str], attrs: torch.Tensor | None) -> None:
-    """Validate the common ``update`` arguments (principle 15: fail loudly, never correct)."""
+def check_batch(images: torch.Tensor, prompts: Sequence[PromptLike]) -> list[Prompt]:
+    """Validate the common ``update`` arguments (principle 15: fail loudly, never correct); the prompts as
+    ``Prompt`` objects (a string becomes a prompt with no id and no metadata)."""
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise CdmbenchError(f"images must be a (B, 3, H, W) tensor, got {shape}")
@@ -234,8 +230,12 @@ def check_batch(images: torch.Tensor, prompts: list[str], attrs: torch.Tensor | 
         raise CdmbenchError(f"images must be float in [0, 1], got dtype {images.dtype}")
     if len(prompts) != images.shape[0]:
         raise CdmbenchError(f"got {images.shape[0]} images but {len(prompts)} prompts")
-    if attrs is not None and tuple(attrs.shape) != (images.shape[0], 4):
-        raise CdmbenchError(f"attrs must be (B, 4) = ({images.shape[0]}, 4), got {tuple(attrs.shape)}")
+    out = []
+    for p in prompts:
+        if not isinstance(p, (Prompt, str)):
+            raise CdmbenchError(f"prompts must be Prompt objects or strings, got {type(p).__name__}")
+        out.append(Prompt("", p) if isinstance(p, str) else p)
+    return out
 
 
 def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
@@ -273,24 +273,32 @@ class Metric(ABC):
         return self.protocol
 
     @classmethod
-    def applies_to(cls, backbone_name: str) -> Applicability:
-        """Whether this metric is meaningful for images of ``backbone_name`` (with the reason if not)."""
-        return APPLIES
+    def applies_to(cls, evaluators: Evaluators) -> Applicability:
+        """Whether this metric is meaningful for a backbone's images, from what the backbone declares (its
+        ``not_applicable`` reasons); a metric that needs a declared model also checks that it is there."""
+        reason = evaluators.not_applicable.get(cls.name)
+        return Applicability(False, reason) if reason else APPLIES
 
     @classmethod
     @abstractmethod
-    def from_options(cls, backbone_name: str, options: MetricOptions | None = None) -> "Metric":
-        """Build the metric with the real (or toy) model for ``backbone_name``; loads weights."""
+    def from_options(cls, evaluators: Evaluators, options: MetricOptions | None = None) -> "Metric":
+        """Build the metric with the model ``evaluators`` declares, else its real default; loads weights."""
 
     @classmethod
-    def _require_applicable(cls, backbone_name: str) -> None:
-        a = cls.applies_to(backbone_name)
+    def tiny(cls, workdir: Path) -> "Metric":
+        """A small instance with random or dummy models and no downloads, for the contract checks
+        (``cdmbench.testing.METRIC_CHECKS``); any files it needs go under ``workdir``."""
+        raise NotImplementedError(f"{cls.__name__} has no tiny() test instance; the metric contract tests need one")
+
+    @classmethod
+    def _require_applicable(cls, evaluators: Evaluators) -> None:
+        a = cls.applies_to(evaluators)
         if not a:
-            raise CdmbenchError(f"metric {cls.name!r} does not apply to backbone {backbone_name!r}: {a.reason}")
+            raise CdmbenchError(f"metric {cls.name!r} does not apply to these images: {a.reason}")
 
     @abstractmethod
-    def update(self, images: torch.Tensor, prompts: list[str], attrs: torch.Tensor | None = None) -> None:
-        """Accumulate a batch: images (B, 3, H, W) float [0, 1], prompts (B,), attrs (B, 4) int64 or None."""
+    def update(self, images: torch.Tensor, prompts: Sequence[PromptLike]) -> None:
+        """Accumulate a batch: images (B, 3, H, W) float [0, 1] and their B prompts."""
 
     @abstractmethod
     def compute(self) -> MetricResult: ...
@@ -326,12 +334,12 @@ class PerImageMetric(Metric):
         self._scores: list[np.ndarray] = []
 
     @abstractmethod
-    def score_batch(self, images: torch.Tensor, prompts: list[str], attrs: torch.Tensor | None) -> np.ndarray:
+    def score_batch(self, images: torch.Tensor, prompts: list[Prompt]) -> np.ndarray:
         """Per-image scores (B,) float64 for one validated batch."""
 
-    def update(self, images: torch.Tensor, prompts: list[str], attrs: torch.Tensor | None = None) -> None:
-        check_batch(images, prompts, attrs)
-        s = np.asarray(self.score_batch(images, list(prompts), attrs), dtype=np.float64).reshape(-1)
+    def update(self, images: torch.Tensor, prompts: Sequence[PromptLike]) -> None:
+        prompts = check_batch(images, prompts)
+        s = np.asarray(self.score_batch(images, prompts), dtype=np.float64).reshape(-1)
         if s.shape[0] != images.shape[0]:
             raise CdmbenchError(
                 f"{type(self).__name__}.score_batch returned {s.shape[0]} scores for {images.shape[0]} images"

@@ -1,12 +1,14 @@
 """CLIP score (Hessel et al., 2021; the torchmetrics convention): 100 · max(cos(image, text), 0) per image.
 
 Computed with open_clip (torchmetrics' ``CLIPScore`` is broken under transformers 5). The real default is
-OpenAI ViT-L/14 (open_clip ``ViT-L-14`` / ``openai``), as in baselines.md §C convention 2; the toy
-backbone uses the toy CLIP. ``openclip_cosine`` is also the core of HPS v2.1 (``hps.py``).
+OpenAI ViT-L/14 (open_clip ``ViT-L-14`` / ``openai``), as in baselines.md §C convention 2; a backbone may
+declare its own CLIP (``Evaluators.clip`` → ``ClipModel``). ``openclip_cosine`` is also the core of HPS v2.1
+(``hps.py``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ClassVar
 
@@ -15,7 +17,8 @@ import torch
 
 from cdmbench.errors import CdmbenchError, MissingWeightsError
 from cdmbench.eval.metrics import METRICS
-from cdmbench.eval.metrics.base import MetricOptions, PerImageMetric, backbone_domain, to_pil
+from cdmbench.eval.metrics.base import MetricOptions, PerImageMetric, to_pil
+from cdmbench.types import Evaluators
 
 DEFAULT_CLIP_MODEL = "ViT-L-14"
 DEFAULT_CLIP_PRETRAINED = "openai"
@@ -37,6 +40,17 @@ class PILBatchPreprocess:
         return torch.stack([self.transform(im) for im in to_pil(images)])
 
 
+@dataclass(frozen=True)
+class ClipModel:
+    """A backbone's CLIP (what ``Evaluators.clip`` loads): an open_clip-style model (``encode_image``,
+    ``encode_text``) on its device, its batched preprocess, its tokenizer and an identity for the protocol."""
+
+    model: torch.nn.Module
+    preprocess: "BatchPreprocess"
+    tokenizer: Callable
+    protocol: str
+
+
 @torch.no_grad()
 def openclip_cosine(
     model: torch.nn.Module,
@@ -51,7 +65,7 @@ def openclip_cosine(
     Args:
         model: an open_clip model (``encode_image``, ``encode_text``).
         preprocess: images (B, 3, H, W) float [0, 1] → model input (``PILBatchPreprocess`` for real models;
-            the toy CLIP's preprocess works on tensors directly).
+            a declared CLIP's preprocess may work on tensors directly).
         tokenizer: its tokenizer (list[str] → LongTensor).
         images: (B, 3, H, W) float in [0, 1].
         prompts: B captions; ``prefix`` is put before each.
@@ -97,6 +111,30 @@ def load_openclip(model_name: str, pretrained: str | None, device: str, what: st
     return model.eval(), PILBatchPreprocess(preprocess), open_clip.get_tokenizer(model_name)
 
 
+TINY_CLIP = "cdmbench-tiny-clip"  # a random open_clip model for tests (``tiny_open_clip``)
+TINY_CLIP_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def tiny_open_clip(workdir: Path, seed: int = 0):
+    """(model, batched preprocess, tokenizer) of a random tiny open_clip CLIP (config written under ``workdir``)."""
+    import json
+
+    import open_clip
+
+    folder = Path(workdir) / "open_clip"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{TINY_CLIP}.json").write_text(json.dumps(TINY_CLIP_CONFIG))
+    open_clip.add_model_config(folder)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model, _, transform = open_clip.create_model_and_transforms(TINY_CLIP, pretrained=None)
+    return model.eval(), PILBatchPreprocess(transform), open_clip.get_tokenizer(TINY_CLIP)
+
+
 @METRICS.register("clip")
 class CLIPScore(PerImageMetric):
     """CLIP score: per image 100 · max(cos, 0), mean over images.
@@ -116,22 +154,26 @@ class CLIPScore(PerImageMetric):
         self.model, self.preprocess, self.tokenizer, self.prefix = model.eval(), preprocess, tokenizer, prefix
         self.protocol = f"clip|{protocol}|prefix={prefix!r}|score=100*max(cos,0)"
 
-    def score_batch(self, images, prompts, attrs):
-        cos = openclip_cosine(self.model, self.preprocess, self.tokenizer, images, prompts, self.prefix)
+    def score_batch(self, images, prompts):
+        cos = openclip_cosine(self.model, self.preprocess, self.tokenizer, images, [p.text for p in prompts],
+                              self.prefix)
         return 100.0 * np.maximum(cos, 0.0)
 
     @classmethod
-    def from_options(cls, backbone_name: str, options: MetricOptions | None = None) -> "CLIPScore":
-        """toy: the toy CLIP. natural: open_clip ``clip_model`` ($CDMBENCH_CLIP_MODEL, default ViT-L-14)
+    def tiny(cls, workdir: Path) -> "CLIPScore":
+        return cls(*tiny_open_clip(workdir), f"open_clip:{TINY_CLIP}:random")
+
+    @classmethod
+    def from_options(cls, evaluators: Evaluators, options: MetricOptions | None = None) -> "CLIPScore":
+        """The declared ``evaluators.clip``, else open_clip ``clip_model`` ($CDMBENCH_CLIP_MODEL, default ViT-L-14)
         with ``clip_pretrained`` ($CDMBENCH_CLIP_PRETRAINED, default the "openai" tag): a tag, loaded from the
         hub cache, or a local checkpoint file. A local copy of the OpenAI weights needs the architecture
         ``ViT-L-14-quickgelu`` (the tag sets QuickGELU by itself; a bare file cannot)."""
+        cls._require_applicable(evaluators)
         options = options or MetricOptions()
-        if backbone_domain(backbone_name) == "shapes":
-            from cdmbench.toy import evaluators
-
-            model, preprocess, tokenizer = evaluators.load_toy_clip()
-            return cls(model.to(options.device), preprocess, tokenizer, "toy-clip", options.clip_prefix)
+        if evaluators.clip is not None:
+            m: ClipModel = evaluators.clip(options.device)
+            return cls(m.model, m.preprocess, m.tokenizer, m.protocol, options.clip_prefix)
         name = options.env("clip_model", CLIP_MODEL_ENV, DEFAULT_CLIP_MODEL)
         pretrained = options.env("clip_pretrained", CLIP_PRETRAINED_ENV, DEFAULT_CLIP_PRETRAINED)
         how = (

@@ -67,9 +67,11 @@ def detail_ratio_score(share, reference_share) -> np.ndarray:
 from typing import Callable, ClassVar  # noqa: E402
 
 from cdmbench.eval.metrics import METRICS  # noqa: E402
-from cdmbench.eval.metrics.base import Applicability, MetricOptions, PerImageMetric, backbone_domain  # noqa: E402
+from cdmbench.eval.metrics.base import Applicability, MetricOptions, PerImageMetric  # noqa: E402
+from cdmbench.eval.metrics.sets import ReferenceImages  # noqa: E402
+from cdmbench.types import ATTRS, Evaluators, Prompt  # noqa: E402
 
-ReferenceShare = Callable[[str, tuple | None], float]  # (prompt, attrs) -> mean high-frequency share of its real images
+ReferenceShare = Callable[[Prompt], float]  # prompt -> mean high-frequency share of its real images
 
 
 @METRICS.register("detail")
@@ -77,7 +79,7 @@ class Detail(PerImageMetric):
     """Fine detail: per image min(r, 1/r), r = high-frequency energy share / that of real images of its prompt.
 
     Args:
-        reference_share: (prompt, attrs) → mean ``high_frequency_share`` of real images of that prompt.
+        reference_share: prompt → mean ``high_frequency_share`` of real images of that prompt.
         protocol: identity of the reference.
         cutoff: radial frequency (cycles per pixel) above which energy counts as fine detail.
     """
@@ -90,29 +92,33 @@ class Detail(PerImageMetric):
         self.protocol = f"detail|hf-share>{cutoff}|min(r,1/r)|{protocol}"
 
     @classmethod
-    def applies_to(cls, backbone_name: str) -> Applicability:
-        if backbone_domain(backbone_name) != "shapes":
-            return Applicability(False, "needs real images of each prompt; only the toy renders them")
-        return Applicability(True)
+    def applies_to(cls, evaluators: Evaluators) -> Applicability:
+        a = super().applies_to(evaluators)
+        if a and evaluators.references is None:
+            return Applicability(False, "needs real images of each prompt; the backbone declares none (Evaluators.references)")
+        return a
 
-    def score_batch(self, images, prompts, attrs):
-        rows = [None] * len(prompts) if attrs is None else [tuple(int(v) for v in a) for a in attrs]
-        ref = np.array([self.reference_share(p, a) for p, a in zip(prompts, rows)])
+    def score_batch(self, images, prompts):
+        ref = np.array([self.reference_share(p) for p in prompts])
         return detail_ratio_score(high_frequency_share(images, self.cutoff), ref)
 
     @classmethod
-    def from_options(cls, backbone_name: str, options: MetricOptions | None = None) -> "Detail":
-        """toy: 32 real renders per caption (``cdmbench.toy.factors.reference_renders``)."""
-        cls._require_applicable(backbone_name)
-        from cdmbench.toy import factors
+    def tiny(cls, workdir) -> "Detail":
+        """A fixed reference share of 0.1 for every prompt."""
+        return cls(lambda prompt: 0.1, "ref=constant-0.1")
 
+    @classmethod
+    def from_options(cls, evaluators: Evaluators, options: MetricOptions | None = None) -> "Detail":
+        """The declared real images per prompt (``evaluators.references``), ``per_prompt`` of them per caption."""
+        cls._require_applicable(evaluators)
+        options = options or MetricOptions()
+        real: ReferenceImages = evaluators.references(options.device)
         cache: dict = {}
 
-        def reference_share(prompt, attrs):
-            if attrs is None:
-                raise CdmbenchError("detail on the toy needs the prompts' attribute labels")
-            if (prompt, attrs) not in cache:
-                cache[(prompt, attrs)] = float(high_frequency_share(factors.reference_renders(prompt, attrs)).mean())
-            return cache[(prompt, attrs)]
+        def reference_share(prompt: Prompt):
+            key = (prompt.text, tuple(prompt.meta.get(ATTRS) or ()))
+            if key not in cache:
+                cache[key] = float(high_frequency_share(real.render(prompt, real.per_prompt)).mean())
+            return cache[key]
 
-        return cls(reference_share, f"ref={factors.REFERENCE_SEEDS}-real-renders-per-caption")
+        return cls(reference_share, f"ref={real.per_prompt}-{real.name}-per-caption")

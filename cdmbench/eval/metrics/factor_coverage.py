@@ -61,16 +61,33 @@ def prompt_coverage(generated, reference, scales) -> float:
 # --------------------------------------------------------------------------------------------------
 # The registered metric
 
+from dataclasses import dataclass  # noqa: E402
 from typing import Callable, ClassVar  # noqa: E402
 
 import torch  # noqa: E402
 
 from cdmbench.eval.metrics import METRICS  # noqa: E402
-from cdmbench.eval.metrics.base import Applicability, MetricOptions, MetricResult, backbone_domain  # noqa: E402
-from cdmbench.eval.metrics.sets import FeatureSet, per_prompt_result  # noqa: E402
+from cdmbench.eval.metrics.base import Applicability, MetricOptions, MetricResult  # noqa: E402
+from cdmbench.eval.metrics.sets import FeatureSet, ReferenceImages, per_prompt_result  # noqa: E402
+from cdmbench.types import ATTRS, Evaluators, Prompt  # noqa: E402
 
-FactorPredictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (images, attrs (B, 4)) -> (B, F) factors
+FactorPredictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (images, attrs (B, K)) -> (B, F) factors
 FactorReference = Callable[[str, tuple], np.ndarray]  # (prompt, attrs) -> (m, F) factors of real images of it
+
+
+@dataclass(frozen=True)
+class FactorModel:
+    """A backbone's free-factor predictor (what ``Evaluators.factors`` loads).
+
+    Args:
+        predict: images and their prompts' attribute labels (B, K) → (B, F) free factors.
+        scales: (F,) spread of each factor over real images.
+        protocol: identity of the predictor.
+    """
+
+    predict: FactorPredictor
+    scales: np.ndarray
+    protocol: str
 
 
 @METRICS.register("factor_w1")
@@ -94,14 +111,17 @@ class FactorW1(FeatureSet):
         self.reset()
 
     @classmethod
-    def applies_to(cls, backbone_name: str) -> Applicability:
-        if backbone_domain(backbone_name) != "shapes":
-            return Applicability(False, "free factors are known only for the toy's procedural shapes")
-        return Applicability(True)
+    def applies_to(cls, evaluators: Evaluators) -> Applicability:
+        a = super().applies_to(evaluators)
+        if a and (evaluators.factors is None or evaluators.references is None):
+            return Applicability(False, "needs a free-factor predictor and real images of each prompt; the backbone "
+                                        "declares none (Evaluators.factors, Evaluators.references)")
+        return a
 
-    def extract(self, images, prompts, attrs):
-        if attrs is None:
-            raise CdmbenchError("factor_w1 needs attrs (B, 4): the prompts' attribute labels")
+    def extract(self, images, prompts):
+        if any(p.meta.get(ATTRS) is None for p in prompts):
+            raise CdmbenchError(f"factor_w1 needs attribute labels (Prompt.meta[{ATTRS!r}]) for every prompt")
+        attrs = torch.tensor([list(p.meta[ATTRS]) for p in prompts], dtype=torch.long)
         return self.predict(images, attrs).detach().double().cpu().numpy()
 
     def compute(self) -> MetricResult:
@@ -111,19 +131,27 @@ class FactorW1(FeatureSet):
         return per_prompt_result(values, f.shape[0])
 
     @classmethod
-    def from_options(cls, backbone_name: str, options: MetricOptions | None = None) -> "FactorW1":
-        """The shipped toy free-factor regressor; 32 real renders per caption as its reference."""
-        cls._require_applicable(backbone_name)
-        from cdmbench.toy import factors
+    def tiny(cls, workdir) -> "FactorW1":
+        """Three "factors" read off the channel means, against fixed random reference factors."""
+        ref = np.random.default_rng(0).uniform(0.3, 0.7, size=(16, 3))
+        return cls(lambda images, attrs: images.double().mean(dim=(2, 3)), lambda prompt, attrs: ref, np.full(3, 0.1),
+                   "channel-means|ref=16-random")
 
-        model = factors.load_factor_regressor()
+    @classmethod
+    def from_options(cls, evaluators: Evaluators, options: MetricOptions | None = None) -> "FactorW1":
+        """The declared free-factor predictor (``evaluators.factors``), read on ``per_prompt`` declared real images
+        per caption (``evaluators.references``) as its reference."""
+        cls._require_applicable(evaluators)
+        options = options or MetricOptions()
+        model: FactorModel = evaluators.factors(options.device)
+        real: ReferenceImages = evaluators.references(options.device)
         cache: dict = {}
 
         def reference(prompt, attrs):
             if (prompt, attrs) not in cache:
-                imgs = factors.reference_renders(prompt, attrs)
-                cache[(prompt, attrs)] = model(imgs, torch.tensor([attrs] * imgs.shape[0])).numpy()
+                imgs = real.render(Prompt("", prompt, {ATTRS: attrs}), real.per_prompt)
+                cache[(prompt, attrs)] = np.asarray(model.predict(imgs, torch.tensor([attrs] * imgs.shape[0])))
             return cache[(prompt, attrs)]
 
-        protocol = f"{factors.FACTORS_VERSION}|ref={factors.REFERENCE_SEEDS}-real-renders-per-caption"
-        return cls(lambda images, attrs: model(images, attrs), reference, factors.reference_scales().numpy(), protocol)
+        protocol = f"{model.protocol}|ref={real.per_prompt}-{real.name}-per-caption"
+        return cls(model.predict, reference, model.scales, protocol)

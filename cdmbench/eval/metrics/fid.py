@@ -1,8 +1,9 @@
 """Fréchet Inception Distance (Heusel et al., 2017), streaming, float64, against named reference stats.
 
 One Fréchet-distance implementation (``frechet_distance``) serves every feature extractor:
-- toy backbone: the toy classifier's ``features`` with the shipped reference statistics;
-- natural images: clean-fid's Inception (``inception-2015-12-05.pt``) with the "clean" resize mode
+- a backbone's declared extractor (``Evaluators.fid`` → ``FIDFeatures``), e.g. a classifier's
+  penultimate features with reference statistics the backbone ships;
+- the real default: clean-fid's Inception (``inception-2015-12-05.pt``) with the "clean" resize mode
   (Parmar et al., 2022: PIL bicubic to 299×299 on the float image) and a named reference set (a folder
   of images or a precomputed ``.npz`` of mu/sigma).
 Images are quantised to uint8 first, exactly as a saved PNG, so scoring tensors and scoring the saved
@@ -15,7 +16,7 @@ import dataclasses
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -26,12 +27,13 @@ from cdmbench.eval.metrics.base import (
     Metric,
     MetricOptions,
     MetricResult,
-    backbone_domain,
+    PromptLike,
     check_batch,
     HOW_TO_DOWNLOAD,
     downloads_allowed,
     to_uint8_hwc,
 )
+from cdmbench.types import Evaluators
 
 FeatureExtractor = Callable[[torch.Tensor], torch.Tensor]  # (B, 3, H, W) float [0, 1] -> (B, F)
 
@@ -148,6 +150,41 @@ def folder_features(folder: str | Path, extractor: FeatureExtractor, batch_size:
 def reference_from_folder(folder: str | Path, extractor: FeatureExtractor, batch_size: int = 50) -> ReferenceStats:
     folder = Path(folder).expanduser()
     return ReferenceStats.from_features(folder_features(folder, extractor, batch_size), folder.name)
+
+
+@dataclass(frozen=True)
+class FIDFeatures:
+    """A backbone's FID feature space (what ``Evaluators.fid`` loads), as torchmetrics' ``feature=``.
+
+    Args:
+        extractor: (B, 3, H, W) float [0, 1] → (B, F) features, on the device it was loaded for.
+        protocol: the feature space's identity (extractor + preprocessing); ``FID`` adds "fid|" and the reference.
+        reference: loads the extractor's own reference statistics; None = the reference comes from
+            ``fid_reference`` / $CDMBENCH_FID_REF as for the default extractor. A declared reference is used
+            instead of $CDMBENCH_FID_REF (which names a set for the default extractor); an explicit
+            ``fid_reference`` still wins.
+    """
+
+    extractor: FeatureExtractor
+    protocol: str
+    reference: Callable[[], ReferenceStats] | None = None
+
+
+class RandomFeatures(torch.nn.Module):
+    """A stand-in extractor for tests (torchmetrics' ``_DummyFeatureExtractor``): average-pool to 8×8, then a
+    fixed random projection to ``num_features``; any image size."""
+
+    def __init__(self, num_features: int = 12, seed: int = 1):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.num_features = num_features
+        self.proj = torch.nn.Linear(3 * 64, num_features)
+        with torch.no_grad():
+            self.proj.weight.copy_(torch.randn(num_features, 3 * 64, generator=g) / 8.0)
+            self.proj.bias.zero_()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.proj(torch.nn.functional.adaptive_avg_pool2d(images.float(), 8).flatten(1))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -303,8 +340,8 @@ class FID(Metric):
         self._features: list[torch.Tensor] = []  # per-image features, kept for resampling (eval/items.py)
 
     @torch.no_grad()
-    def update(self, images: torch.Tensor, prompts: list[str], attrs: torch.Tensor | None = None) -> None:
-        check_batch(images, prompts, attrs)
+    def update(self, images: torch.Tensor, prompts: Sequence[PromptLike]) -> None:
+        check_batch(images, prompts)
         self.update_features(self.feature_extractor(images))
 
     def update_features(self, features: torch.Tensor) -> None:
@@ -353,56 +390,41 @@ class FID(Metric):
         self.count += int(state["count"])
 
     @classmethod
-    def from_options(cls, backbone_name: str, options: MetricOptions | None = None) -> "FID":
-        """toy: toy-classifier features, shipped reference stats unless ``fid_reference`` is given.
-        natural: clean-fid Inception ("clean" mode) from ``inception_path`` / $CDMBENCH_INCEPTION_PATH /
-        clean-fid's cache; reference from ``fid_reference`` / $CDMBENCH_FID_REF (folder or .npz), required."""
-        options = options or MetricOptions()
-        if backbone_domain(backbone_name) == "shapes":  # $CDMBENCH_FID_REF names a natural-image set: not used here
-            ref_path = options.fid_reference
-            from cdmbench.toy import evaluators
+    def tiny(cls, workdir: Path) -> "FID":
+        """Random-projection features against the statistics of 64 random images."""
+        extractor = RandomFeatures()
+        with torch.no_grad():
+            ref = extractor(torch.rand(64, 3, 16, 16, generator=torch.Generator().manual_seed(0)))
+        return cls(extractor, ReferenceStats.from_features(ref, "tiny-random"), "fid|random-features")
 
-            extractor, protocol = feature_extractor_for(backbone_name, options)
-            if ref_path is None:
-                mu, sigma, meta = evaluators.load_toy_fid_reference()
-                meta = dict(meta or {})
-                sha = meta.get("extractor_sha256")
-                if sha is not None and sha != evaluators.file_sha256(evaluators.default_classifier_path()):
-                    raise CdmbenchError(
-                        "the shipped toy FID reference was computed with another toy classifier file; "
-                        "rebuild the assets"
-                    )
-                name = f"toy-shipped:{meta.get('version', 'unversioned')}"
-                mu, sigma = np.asarray(_np(mu), np.float64), np.asarray(_np(sigma), np.float64)
-                reference = ReferenceStats(mu, sigma, name, meta.get("n"), meta)
-            else:
-                reference = _load_reference(ref_path, extractor)
-            return cls(extractor, reference, f"fid|{protocol}")
+    @classmethod
+    def from_options(cls, evaluators: Evaluators, options: MetricOptions | None = None) -> "FID":
+        """The declared ``evaluators.fid`` features with their own reference unless ``fid_reference`` is given;
+        else clean-fid Inception ("clean" mode) from ``inception_path`` / $CDMBENCH_INCEPTION_PATH / clean-fid's
+        cache, with the reference from ``fid_reference`` / $CDMBENCH_FID_REF (folder or .npz), required."""
+        cls._require_applicable(evaluators)
+        options = options or MetricOptions()
+        spec: FIDFeatures | None = evaluators.fid(options.device) if evaluators.fid is not None else None
+        if spec is not None and spec.reference is not None and options.fid_reference is None:
+            return cls(spec.extractor, spec.reference(), f"fid|{spec.protocol}")
         ref_path = options.env("fid_reference", REFERENCE_ENV)
         if ref_path is None:
             raise MissingWeightsError(
-                f"FID on backbone {backbone_name!r} needs a reference set: pass fid_reference= "
-                f"(a folder of images or an .npz with mu/sigma) or set ${REFERENCE_ENV}"
+                f"FID with {spec.protocol if spec else 'the default clean-fid Inception'} features needs a reference set: "
+                f"pass fid_reference= (a folder of images or an .npz with mu/sigma) or set ${REFERENCE_ENV}"
             )
-        extractor, protocol = feature_extractor_for(backbone_name, options)
+        extractor, protocol = (spec.extractor, spec.protocol) if spec else feature_extractor_for(evaluators, options)
         return cls(extractor, _load_reference(ref_path, extractor), f"fid|{protocol}")
 
 
-def feature_extractor_for(backbone_name: str, options: MetricOptions) -> tuple[FeatureExtractor, str]:
-    """(extractor, protocol) of the FID feature space for ``backbone_name``: the toy classifier's features
-    on the toy, clean-fid's Inception ("clean" mode) otherwise. Every feature-space metric (FID, Vendi,
-    PRDC, the teacher distances) uses it."""
-    if backbone_domain(backbone_name) == "shapes":
-        from cdmbench.toy import evaluators
-
-        clf = evaluators.load_toy_classifier().to(options.device).eval()
-        return _on_device(clf.features, options.device), f"toy-classifier-features-{clf.num_features}|float64"
+def feature_extractor_for(evaluators: Evaluators, options: MetricOptions) -> tuple[FeatureExtractor, str]:
+    """(extractor, protocol) of the FID feature space: the features ``evaluators.fid`` declares, else clean-fid's
+    Inception ("clean" mode). Every feature-space metric (FID, Vendi, PRDC, the teacher distances) uses it."""
+    if evaluators.fid is not None:
+        spec: FIDFeatures = evaluators.fid(options.device)
+        return spec.extractor, spec.protocol
     extractor = load_clean_inception(options.env("inception_path", INCEPTION_ENV), options.device)
     return extractor, "clean-fid-inception-2015-12-05|mode=clean|uint8"
-
-
-def _on_device(fn: FeatureExtractor, device: str) -> FeatureExtractor:
-    return lambda images: fn(images.to(device))
 
 
 def _load_reference(path: str, extractor: FeatureExtractor) -> ReferenceStats:
@@ -415,11 +437,12 @@ def _load_reference(path: str, extractor: FeatureExtractor) -> ReferenceStats:
 
 
 def compute_reference_stats(
-    folder: str | Path, out_path: str | Path, backbone_name: str, options: MetricOptions | None = None
+    folder: str | Path, out_path: str | Path, evaluators: Evaluators | None = None,
+    options: MetricOptions | None = None,
 ) -> ReferenceStats:
-    """Precompute a folder's reference statistics once, with ``backbone_name``'s FID extractor, into an
-    .npz that ``fid_reference`` can name later (its file stem becomes the reference name)."""
+    """Precompute a folder's reference statistics once, with the FID extractor ``evaluators`` declares (None:
+    clean-fid Inception), into an .npz that ``fid_reference`` can name later (its stem becomes the name)."""
     options = dataclasses.replace(options or MetricOptions(), fid_reference=str(folder))
-    ref = FID.from_options(backbone_name, options).reference
+    ref = FID.from_options(evaluators or Evaluators(), options).reference
     ref.save(out_path)
     return dataclasses.replace(ref, name=Path(out_path).stem)

@@ -66,3 +66,32 @@ def text_embeddings(model, processor, prompts: list[str]) -> torch.Tensor:
     pooled = model.text_model(input_ids=tok["input_ids"].to(device),
                               attention_mask=tok["attention_mask"].to(device)).pooler_output
     return torch.nn.functional.normalize(model.text_projection(pooled).float(), dim=-1)
+
+
+def build_tiny_hf_clip(folder, seed: int = 0):
+    """A random tiny transformers CLIPModel (projection 16) and a CLIPProcessor with a byte-level tokenizer,
+    saved under ``folder`` (tests); returns ``folder``."""
+    from pathlib import Path
+
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    folder = Path(folder)
+    chars = sorted(ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=77,
+                         bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"]),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2),
+        projection_dim=16,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        CLIPModel(config).eval().save_pretrained(folder)
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+

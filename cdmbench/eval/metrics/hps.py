@@ -14,8 +14,9 @@ from typing import Callable, ClassVar
 import torch
 
 from cdmbench.eval.metrics import METRICS
-from cdmbench.eval.metrics.base import Applicability, MetricOptions, PerImageMetric, backbone_domain, resolve_weights
-from cdmbench.eval.metrics.clip_score import load_openclip, openclip_cosine
+from cdmbench.eval.metrics.base import MetricOptions, PerImageMetric, resolve_weights
+from cdmbench.eval.metrics.clip_score import TINY_CLIP, load_openclip, openclip_cosine, tiny_open_clip
+from cdmbench.types import Evaluators
 
 HPS_FILE = "HPS_v2.1_compressed.pt"
 HPS_REPO = "xswu/HPSv2"
@@ -52,20 +53,19 @@ class HPSv21(PerImageMetric):
         self.model, self.preprocess, self.tokenizer = model.eval(), preprocess, tokenizer
         self.protocol = f"hps-v2.1|open_clip:{arch}|ckpt={checkpoint}|score=100*cos"
 
-    @classmethod
-    def applies_to(cls, backbone_name: str) -> Applicability:
-        if backbone_domain(backbone_name) == "shapes":
-            return Applicability(False, "HPS v2.1 rates natural images; the toy backbone draws 32x32 shapes")
-        return Applicability(True)
-
-    def score_batch(self, images, prompts, attrs):
-        return 100.0 * openclip_cosine(self.model, self.preprocess, self.tokenizer, images, prompts)
+    def score_batch(self, images, prompts):
+        return 100.0 * openclip_cosine(self.model, self.preprocess, self.tokenizer, images, [p.text for p in prompts])
 
     @classmethod
-    def from_options(cls, backbone_name: str, options: MetricOptions | None = None) -> "HPSv21":
+    def tiny(cls, workdir: Path) -> "HPSv21":
+        """The HPS scoring path on a random tiny open_clip model."""
+        return cls(*tiny_open_clip(workdir), checkpoint="random", arch=TINY_CLIP)
+
+    @classmethod
+    def from_options(cls, evaluators: Evaluators, options: MetricOptions | None = None) -> "HPSv21":
         """open_clip ``hps_model`` (ViT-H-14) built without pretrained weights, then the HPS checkpoint from
         ``hps_path`` / $CDMBENCH_HPS_PATH / the hub cache of xswu/HPSv2 (a state dict, or {'state_dict': ...})."""
-        cls._require_applicable(backbone_name)
+        cls._require_applicable(evaluators)
         options = options or MetricOptions()
         ckpt = resolve_hps_checkpoint(options.env("hps_path", HPS_ENV))
         model, preprocess, tokenizer = load_openclip(options.hps_model, str(ckpt), options.device, "HPS v2.1", _HOW)

@@ -16,8 +16,8 @@ import torch
 
 from cdmbench.errors import MissingWeightsError
 from cdmbench.eval.metrics import METRICS
-from cdmbench.eval.metrics.base import (Applicability, MetricOptions, PerImageMetric, backbone_domain,
-                                        resolve_weights, to_pil)
+from cdmbench.eval.metrics.base import MetricOptions, PerImageMetric, resolve_weights, to_pil
+from cdmbench.types import Evaluators
 
 IR_REPO = "THUDM/ImageReward"
 IR_FILE = "ImageReward.pt"
@@ -58,22 +58,23 @@ class ImageRewardScore(PerImageMetric):
         self.model = model.eval()
         self.protocol = f"imagereward-v1.0|blip|ckpt={checkpoint}|score=z-normalised reward"
 
-    @classmethod
-    def applies_to(cls, backbone_name: str) -> Applicability:
-        if backbone_domain(backbone_name) == "shapes":
-            return Applicability(False, "ImageReward rates natural images; the toy backbone draws 32x32 shapes")
-        return Applicability(True)
-
-    def score_batch(self, images, prompts, attrs):
-        return imagereward_scores(self.model, images, prompts)
+    def score_batch(self, images, prompts):
+        return imagereward_scores(self.model, images, [p.text for p in prompts])
 
     @classmethod
-    def from_options(cls, backbone_name: str, options: MetricOptions | None = None) -> "ImageRewardScore":
+    def tiny(cls, workdir: Path) -> "ImageRewardScore":
+        """A random small ImageReward of the package's own classes (``_imagereward_compat.build_tiny_imagereward``)."""
+        from cdmbench.eval.metrics import _imagereward_compat as compat
+
+        return cls(compat.build_tiny_imagereward(Path(workdir) / "imagereward"), "random")
+
+    @classmethod
+    def from_options(cls, evaluators: Evaluators, options: MetricOptions | None = None) -> "ImageRewardScore":
         """Weights from ``imagereward_path`` / $CDMBENCH_IMAGEREWARD_PATH, ``imagereward_med_config`` /
         $CDMBENCH_IMAGEREWARD_MED_CONFIG (else ~/.cache/ImageReward, where ``ImageReward.load`` puts them,
         else the hub cache of THUDM/ImageReward), and bert-base-uncased's tokenizer from
         ``bert_tokenizer_path`` / $CDMBENCH_BERT_TOKENIZER_PATH (a folder or vocab.txt; else the hub cache)."""
-        cls._require_applicable(backbone_name)
+        cls._require_applicable(evaluators)
         options = options or MetricOptions()
         from cdmbench.eval.metrics import _imagereward_compat as compat
 

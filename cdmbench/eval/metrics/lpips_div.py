@@ -141,18 +141,18 @@ def mean_pairwise_lpips(model: torch.nn.Module, images: torch.Tensor) -> float:
 # --------------------------------------------------------------------------------------------------
 # The registered metric
 
-from typing import Any, ClassVar  # noqa: E402
+from typing import Any, ClassVar, Sequence  # noqa: E402
 
 from cdmbench.eval.metrics import METRICS  # noqa: E402
 from cdmbench.eval.metrics.base import (  # noqa: E402
-    Applicability,
     Metric,
     MetricOptions,
     MetricResult,
-    backbone_domain,
+    PromptLike,
     check_batch,
 )
 from cdmbench.eval.metrics.sets import MIN_SEEDS, MetricSkipped, per_prompt_result  # noqa: E402
+from cdmbench.types import Evaluators  # noqa: E402
 
 
 @METRICS.register("intra_lpips")
@@ -175,13 +175,6 @@ class IntraLPIPS(Metric):
         self.protocol = f"intra_lpips|{protocol}|all-pairs|per-prompt-mean"
         self.reset()
 
-    @classmethod
-    def applies_to(cls, backbone_name: str) -> Applicability:
-        if backbone_domain(backbone_name) == "shapes":
-            return Applicability(False, "LPIPS's ImageNet trunk is not shipped and not meant for 32x32 shapes; "
-                                        "the toy's diversity is vendi and factor_w1")
-        return Applicability(True)
-
     def reset(self) -> None:
         self.values: dict[str, float] = {}
         self.sizes: dict[str, int] = {}
@@ -198,9 +191,8 @@ class IntraLPIPS(Metric):
         self._prompt, self._pending = None, []
 
     @torch.no_grad()
-    def update(self, images: torch.Tensor, prompts: list[str], attrs: torch.Tensor | None = None) -> None:
-        check_batch(images, prompts, attrs)
-        for i, p in enumerate(prompts):
+    def update(self, images: torch.Tensor, prompts: Sequence[PromptLike]) -> None:
+        for i, p in enumerate(p.text for p in check_batch(images, prompts)):
             if p != self._prompt:
                 self._flush()
                 if p in self.sizes:
@@ -228,10 +220,17 @@ class IntraLPIPS(Metric):
         self.sizes.update(state["sizes"])
 
     @classmethod
-    def from_options(cls, backbone_name: str, options: MetricOptions | None = None) -> "IntraLPIPS":
+    def tiny(cls, workdir) -> "IntraLPIPS":
+        """A random SqueezeNet trunk with the wheel's v0.1 heads (no download)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return cls(build_lpips("squeeze"), "tiny-random-squeeze")
+
+    @classmethod
+    def from_options(cls, evaluators: Evaluators, options: MetricOptions | None = None) -> "IntraLPIPS":
         """``lpips_net`` (default alex) with its ImageNet trunk from ``lpips_trunk_path`` /
         $CDMBENCH_LPIPS_TRUNK_PATH / torch's hub cache."""
-        cls._require_applicable(backbone_name)
+        cls._require_applicable(evaluators)
         options = options or MetricOptions()
         model = load_lpips(options.lpips_net, options.lpips_trunk_path, options.device)
         return cls(model, f"lpips-0.1.4|v0.1|{options.lpips_net}")

@@ -13,8 +13,9 @@ import numpy as np
 import torch
 
 from cdmbench.eval.metrics import METRICS
-from cdmbench.eval.metrics.base import Applicability, MetricOptions, PerImageMetric, backbone_domain
+from cdmbench.eval.metrics.base import MetricOptions, PerImageMetric
 from cdmbench.eval.metrics.hf_clip import image_embeddings, load_hf_clip, text_embeddings
+from cdmbench.types import Evaluators
 
 PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
 PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -48,20 +49,24 @@ class PickScore(PerImageMetric):
         self.model, self.processor = model.eval(), processor
         self.protocol = f"pickscore|{source}|score=logit_scale*cos"
 
-    @classmethod
-    def applies_to(cls, backbone_name: str) -> Applicability:
-        if backbone_domain(backbone_name) == "shapes":
-            return Applicability(False, "PickScore rates natural images; the toy backbone draws 32x32 shapes")
-        return Applicability(True)
-
-    def score_batch(self, images, prompts, attrs):
-        return pickscore(self.model, self.processor, images, prompts)
+    def score_batch(self, images, prompts):
+        return pickscore(self.model, self.processor, images, [p.text for p in prompts])
 
     @classmethod
-    def from_options(cls, backbone_name: str, options: MetricOptions | None = None) -> "PickScore":
+    def tiny(cls, workdir) -> "PickScore":
+        """The PickScore path on a random tiny CLIPModel (``hf_clip.build_tiny_hf_clip``)."""
+        from pathlib import Path
+
+        from cdmbench.eval.metrics.hf_clip import build_tiny_hf_clip
+
+        folder = str(build_tiny_hf_clip(Path(workdir) / "tiny-hf-clip"))
+        return cls(*load_hf_clip(folder, folder, "cpu", "tiny CLIP", ""), "tiny-random")
+
+    @classmethod
+    def from_options(cls, evaluators: Evaluators, options: MetricOptions | None = None) -> "PickScore":
         """Model from ``pickscore_model`` / $CDMBENCH_PICKSCORE_MODEL / the hub cache of PickScore_v1, processor
         from ``pickscore_processor`` / $CDMBENCH_PICKSCORE_PROCESSOR / the hub cache of the LAION CLIP-H."""
-        cls._require_applicable(backbone_name)
+        cls._require_applicable(evaluators)
         options = options or MetricOptions()
         model_src = options.env("pickscore_model", PICKSCORE_MODEL_ENV, PICKSCORE_MODEL)
         proc_src = options.env("pickscore_processor", PICKSCORE_PROCESSOR_ENV, PICKSCORE_PROCESSOR)

@@ -85,12 +85,14 @@ import torch  # noqa: E402
 
 from cdmbench.errors import MissingWeightsError  # noqa: E402
 from cdmbench.eval.metrics import METRICS  # noqa: E402
-from cdmbench.eval.metrics.base import MetricOptions, MetricResult, backbone_domain  # noqa: E402
-from cdmbench.eval.metrics.sets import Extractor, FeatureSet  # noqa: E402
+from cdmbench.eval.metrics.base import MetricOptions, MetricResult  # noqa: E402
+from cdmbench.eval.metrics.sets import Extractor, FeatureSet, ReferenceImages  # noqa: E402
+from cdmbench.types import ATTRS, Evaluators, Prompt  # noqa: E402
 
 PRDC_REFERENCE_ENV = "CDMBENCH_PRDC_REF"
-# Reference features for the prompts and attrs seen: (prompts, attrs) -> (N, F). The toy renders real images of
-# the same captions; a natural-image backbone uses the features of a fixed folder of real images.
+# Reference features for the prompts and attrs seen: (prompts, attrs) -> (N, F). A backbone that declares real
+# images per prompt (``Evaluators.references``) gives real images of the same captions; otherwise the features
+# of a fixed folder of real images.
 ReferenceFeatures = Callable[[list[str], list], np.ndarray]
 
 
@@ -105,7 +107,7 @@ class _PRDCMetric(FeatureSet):
         self.protocol = f"{self.which}|prdc-k={k}|{protocol}"
         self.reset()
 
-    def extract(self, images, prompts, attrs):
+    def extract(self, images, prompts):
         return self.feature_extractor(images).detach().double().cpu().numpy()
 
     def compute(self) -> MetricResult:
@@ -114,30 +116,40 @@ class _PRDCMetric(FeatureSet):
         return MetricResult(value=getattr(prdc(real, fake, self.k), self.which), per_image=None, n=fake.shape[0])
 
     @classmethod
-    def from_options(cls, backbone_name: str, options: MetricOptions | None = None):
-        """toy: real renders of the same captions, as many per caption as it has images, in their own seed
-        namespace. natural: the features of the folder ``prdc_reference`` / $CDMBENCH_PRDC_REF, else the FID
-        reference when it is a folder."""
+    def tiny(cls, workdir):
+        """Random-projection features against those of 32 fixed random images."""
+        from cdmbench.eval.metrics.fid import RandomFeatures
+
+        extractor = RandomFeatures()
+        with torch.no_grad():
+            real = extractor(torch.rand(32, 3, 16, 16, generator=torch.Generator().manual_seed(0))).double().numpy()
+        return cls(extractor, lambda prompts, attrs: real, "random-features|ref=32-random-images")
+
+    @classmethod
+    def from_options(cls, evaluators: Evaluators, options: MetricOptions | None = None):
+        """With declared real images per prompt (``evaluators.references``): real images of the same captions, as
+        many per caption as it has images. Otherwise the features of the folder ``prdc_reference`` /
+        $CDMBENCH_PRDC_REF, else the FID reference when it is a folder."""
         from cdmbench.eval.metrics.fid import feature_extractor_for, folder_features
 
+        cls._require_applicable(evaluators)
         options = options or MetricOptions()
-        extractor, protocol = feature_extractor_for(backbone_name, options)
-        if backbone_domain(backbone_name) == "shapes":
-            from cdmbench.toy.factors import reference_renders
+        extractor, protocol = feature_extractor_for(evaluators, options)
+        if evaluators.references is not None:
+            real: ReferenceImages = evaluators.references(options.device)
 
             def reference(prompts, attrs):
                 counts: dict[tuple, int] = {}
                 for p, a in zip(prompts, attrs):
                     counts[(p, a)] = counts.get((p, a), 0) + 1
-                if any(a is None for _, a in counts):
-                    raise CdmbenchError("PRDC on the toy needs the prompts' attribute labels")
-                imgs = torch.cat([reference_renders(p, a, max(n, 32))[:n] for (p, a), n in counts.items()])
+                items = [(Prompt("", p, {} if a is None else {ATTRS: a}), n) for (p, a), n in counts.items()]
+                imgs = torch.cat([real.render(p, max(n, real.per_prompt))[:n] for p, n in items])
                 return np.concatenate([extractor(chunk).detach().double().cpu().numpy() for chunk in imgs.split(512)])
 
-            return cls(extractor, reference, f"{protocol}|ref=toy-real-renders-same-captions")
+            return cls(extractor, reference, f"{protocol}|ref={real.name}-same-captions")
         folder = os.environ.get(PRDC_REFERENCE_ENV) or options.fid_reference or os.environ.get("CDMBENCH_FID_REF")
         if folder is None or not Path(folder).expanduser().is_dir():
-            raise MissingWeightsError(f"{cls.which} on backbone {backbone_name!r} needs a folder of real reference images: "
+            raise MissingWeightsError(f"{cls.which} needs a folder of real reference images: "
                                       f"set ${PRDC_REFERENCE_ENV} (or pass fid_reference= as a folder)")
         cached: list[np.ndarray] = []
 

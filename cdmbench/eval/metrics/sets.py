@@ -8,13 +8,15 @@ diversity metric) raises ``MetricSkipped`` from ``compute``; the harness writes 
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 import torch
 
 from cdmbench.errors import CdmbenchError
-from cdmbench.eval.metrics.base import Metric, MetricResult, check_batch
+from cdmbench.eval.metrics.base import Metric, MetricResult, PromptLike, check_batch
+from cdmbench.types import ATTRS, Prompt
 
 MIN_SEEDS = 2  # seeds per prompt a per-prompt diversity metric needs (the step-sweep default gives 5)
 
@@ -23,9 +25,25 @@ class MetricSkipped(CdmbenchError):
     """``compute`` has no meaningful value for these images; the message is the one-line reason."""
 
 
+@dataclass(frozen=True)
+class ReferenceImages:
+    """Real images of a given prompt (what ``Evaluators.references`` loads), e.g. the toy's real renders.
+
+    Args:
+        render: (prompt, n) → (n, 3, H, W) float [0, 1] real images of that prompt, deterministic per prompt.
+        per_prompt: how many a per-prompt reference uses by default.
+        name: identity for the protocol string, e.g. "real-renders".
+    """
+
+    render: Callable[[Prompt, int], torch.Tensor]
+    per_prompt: int
+    name: str
+
+
 class FeatureSet(Metric):
-    """Accumulates per-image feature rows (``self.extract(images, prompts, attrs) -> (B, F)``) with their
-    prompts and attrs; subclasses implement ``compute`` from ``self.features()`` and ``self.prompts``."""
+    """Accumulates per-image feature rows (``self.extract(images, prompts) -> (B, F)``) with their prompt
+    texts and attribute labels (``Prompt.meta[ATTRS]`` or None); subclasses implement ``compute`` from
+    ``self.features()``, ``self.prompts`` and ``self.attrs``."""
 
     per_image: ClassVar[bool] = False
 
@@ -34,18 +52,18 @@ class FeatureSet(Metric):
         self.prompts: list[str] = []
         self.attrs: list[tuple | None] = []
 
-    def extract(self, images: torch.Tensor, prompts: list[str], attrs: torch.Tensor | None) -> np.ndarray:
+    def extract(self, images: torch.Tensor, prompts: list[Prompt]) -> np.ndarray:
         raise NotImplementedError
 
     @torch.no_grad()
-    def update(self, images: torch.Tensor, prompts: list[str], attrs: torch.Tensor | None = None) -> None:
-        check_batch(images, prompts, attrs)
-        f = np.asarray(self.extract(images, list(prompts), attrs), dtype=np.float64)
+    def update(self, images: torch.Tensor, prompts: Sequence[PromptLike]) -> None:
+        prompts = check_batch(images, prompts)
+        f = np.asarray(self.extract(images, prompts), dtype=np.float64)
         if f.ndim != 2 or f.shape[0] != images.shape[0]:
             raise CdmbenchError(f"{type(self).__name__}: feature extractor returned {f.shape} for {images.shape[0]} images")
         self._feats.append(f)
-        self.prompts.extend(prompts)
-        self.attrs.extend([tuple(int(v) for v in a) for a in attrs] if attrs is not None else [None] * len(prompts))
+        self.prompts.extend(p.text for p in prompts)
+        self.attrs.extend(None if p.meta.get(ATTRS) is None else tuple(int(v) for v in p.meta[ATTRS]) for p in prompts)
 
     def features(self) -> np.ndarray:
         if not self._feats:

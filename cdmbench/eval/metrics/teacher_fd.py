@@ -71,13 +71,13 @@ class _TeacherFeatures(FeatureSet):
         super().reset()
         self._teacher: list[np.ndarray] = []
 
-    def extract(self, images, prompts, attrs):
+    def extract(self, images, prompts):
         return self.feature_extractor(images).detach().double().cpu().numpy()
 
     @torch.no_grad()
     def update_teacher(self, images: torch.Tensor) -> None:
         """The teacher's images (B, 3, H, W) for the items of the matching ``update`` call, in the same order."""
-        self._teacher.append(self.extract(images, [], None))
+        self._teacher.append(self.extract(images, []))
 
     def pairs(self) -> tuple[np.ndarray, np.ndarray]:
         s = self.features()
@@ -99,11 +99,18 @@ class _TeacherFeatures(FeatureSet):
             self._teacher.append(np.asarray(state["teacher"], dtype=np.float64))
 
     @classmethod
-    def from_options(cls, backbone_name: str, options: MetricOptions | None = None):
-        """The FID feature extractor of ``backbone_name`` (``fid.feature_extractor_for``)."""
+    def tiny(cls, workdir):
+        from cdmbench.eval.metrics.fid import RandomFeatures
+
+        return cls(RandomFeatures(), "random-features")
+
+    @classmethod
+    def from_options(cls, evaluators, options: MetricOptions | None = None):
+        """The FID feature space ``evaluators`` declares, else clean-fid Inception (``fid.feature_extractor_for``)."""
         from cdmbench.eval.metrics.fid import feature_extractor_for
 
-        return cls(*feature_extractor_for(backbone_name, options or MetricOptions()))
+        cls._require_applicable(evaluators)
+        return cls(*feature_extractor_for(evaluators, options or MetricOptions()))
 
 
 @METRICS.register("teacher_fd")

@@ -67,7 +67,7 @@ class Vendi(FeatureSet):
         self.protocol = f"vendi|q=1|cosine|{protocol}|per-prompt-mean"
         self.reset()
 
-    def extract(self, images, prompts, attrs):
+    def extract(self, images, prompts):
         return self.feature_extractor(images).detach().double().cpu().numpy()
 
     def compute(self) -> MetricResult:
@@ -76,8 +76,15 @@ class Vendi(FeatureSet):
         return per_prompt_result([vendi_score(f[ix]) for ix in groups.values()], f.shape[0])
 
     @classmethod
-    def from_options(cls, backbone_name: str, options: MetricOptions | None = None) -> "Vendi":
-        """The FID feature extractor of ``backbone_name`` (``fid.feature_extractor_for``)."""
+    def tiny(cls, workdir) -> "Vendi":
+        from cdmbench.eval.metrics.fid import RandomFeatures
+
+        return cls(RandomFeatures(), "random-features")
+
+    @classmethod
+    def from_options(cls, evaluators, options: MetricOptions | None = None) -> "Vendi":
+        """The FID feature space ``evaluators`` declares, else clean-fid Inception (``fid.feature_extractor_for``)."""
         from cdmbench.eval.metrics.fid import feature_extractor_for
 
-        return cls(*feature_extractor_for(backbone_name, options or MetricOptions()))
+        cls._require_applicable(evaluators)
+        return cls(*feature_extractor_for(evaluators, options or MetricOptions()))
