@@ -289,7 +289,8 @@ def ranking_markdown(cells: pd.DataFrame, ranks: pd.DataFrame, arch: str, steps:
                 row.append("–")
                 continue
             rk = r[(r["label"] == lb) & (r["metric"] == m)] if not r.empty else r
-            tag = "ref" if lb in _references([lb]) or rk.empty else str(int(rk["rank"].iloc[0]))
+            # reference rows: "ref"; a cell without per-item data (no paired comparison): "–"
+            tag = "ref" if lb in _references([lb]) else "–" if rk.empty else str(int(rk["rank"].iloc[0]))
             row.append(f"{tag} ({v['value'].iloc[0]:.{digits[m]}f})")
         rows.append(row)
     return _table(["method", *(f"{_escape(m)} {arrow(titles[m])}".strip() for m in metrics)],
