@@ -284,6 +284,7 @@ def bench(
     set_: List[str] = typer.Option([], "--set", help="Override a setting of every run: key=value (e.g. train.steps=40)."),
     num_prompts: Optional[int] = typer.Option(None, "--num-prompts", help="Evaluate the first N prompts."),
     curve_checkpoints: int = typer.Option(4, "--curve-checkpoints", help="Checkpoints kept and evaluated per run (learning-curve points)."),
+    jobs: int = typer.Option(1, "--jobs", help="Worker processes for training runs and image generation (CPU: up to the core count; each gets cores/jobs threads)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ):
     """Train every method at its default budget (finished runs are kept), evaluate every kept checkpoint,
@@ -295,19 +296,20 @@ def bench(
     from cdmbench.config import parse_overrides
     from cdmbench.seeding import parse_int_list
 
-    from cdmbench.paths import MAX_SEEDS, check_writable_dir
+    from cdmbench.paths import MAX_SEEDS, check_count, check_writable_dir
 
     names = [m.strip() for m in methods.split(",")] if methods else None
     if names is not None and not all(names):
         raise CdmbenchError("--methods: empty name in the list")
     step_list = _step_list(steps, "steps")
     seed_list = parse_int_list(seeds, name="seeds", max_count=MAX_SEEDS)
+    check_count(jobs, "--jobs", maximum=64)
     check_writable_dir(workspace, "--workspace")
     check_writable_dir(out, "--out")
     path = run_bench(arch.value, names, step_list, workspace, out, seeds=seed_list, argv=sys.argv,
                      train_seeds=parse_int_list(train_seeds, name="train-seeds"), match_compute=match_compute,
                      overrides=parse_overrides(set_), curve_checkpoints=curve_checkpoints, num_prompts=num_prompts,
-                     progress=not quiet)
+                     progress=not quiet, jobs=jobs)
     typer.echo(f"report: {path}")
 
 

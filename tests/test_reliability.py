@@ -289,6 +289,7 @@ def online_but_watched(monkeypatch):
 
 def test_no_scorer_downloads_without_opt_in(online_but_watched, tmp_path, monkeypatch):
     from cdmbench.eval.metrics import METRICS, MetricOptions, build_metric
+    from cdmbench.eval.scoring import evaluators_for
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
@@ -296,11 +297,15 @@ def test_no_scorer_downloads_without_opt_in(online_but_watched, tmp_path, monkey
     import numpy as np
 
     np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048))
+    sd3 = evaluators_for("sd3")
+    checked = 0
     for name in METRICS.names():
-        if not METRICS.get(name).applies_to("sd3"):
+        if not METRICS.get(name).applies_to(sd3):
             continue
         with pytest.raises(CdmbenchError):  # missing weights (or a missing package), never a download
-            build_metric(name, "sd3", MetricOptions(fid_reference=str(ref)))
+            build_metric(name, sd3, MetricOptions(fid_reference=str(ref)))
+        checked += 1
+    assert checked >= 5  # fid, clip, hps, imagereward, pickscore, aesthetic, ... apply to sd3
     assert online_but_watched == []
 
 
