@@ -258,16 +258,20 @@ def export(
     workspace: Path = typer.Option(Path("workspace"), "--workspace"),
     weights: str = typer.Option("ema", "--weights", help="ema | raw student weights."),
     lora: str = typer.Option("merge", "--lora", help="merge | lora (keep a LoRA file) for LoRA runs."),
+    push_to_hub: Optional[str] = typer.Option(
+        None, "--push-to-hub", metavar="REPO",
+        help="Also upload the folder to this Hugging Face model repository (user/name); needs a hub connection."),
 ):
-    """Export a trained student as a stock diffusers pipeline folder."""
+    """Export a trained student as a stock diffusers pipeline folder with a model card (README.md) that
+    gives the exact call for each step count."""
     from cdmbench.export import export_run
 
     if weights not in ("ema", "raw"):
         raise CdmbenchError(f"--weights must be 'ema' or 'raw', got {weights!r}")
     if lora not in ("merge", "lora"):
         raise CdmbenchError(f"--lora must be 'merge' or 'lora', got {lora!r}")
-    path = export_run(run, out, workspace=workspace, weights=weights, lora_mode=lora)
-    typer.echo(f"exported: {path}")
+    path = export_run(run, out, workspace=workspace, weights=weights, lora_mode=lora, push_to_hub=push_to_hub)
+    typer.echo(f"exported: {path}" + (f" (pushed to {push_to_hub})" if push_to_hub else ""))
 
 
 @app.command()

@@ -2,15 +2,19 @@
 
 The folder is the base pipeline with the student transformer: full weights (a full fine-tune, or LoRA merged
 with merge-and-unload), or the base transformer plus a LoRA file that ``pipe.load_lora_weights(folder)``
-reads. The scheduler is the base's FlowMatchEuler with its shift, and ``cdmbench_student.json`` stores the
-nominal and effective σ list per step count, so that
+reads. It stands alone: the stock call for step count n,
 
-    pipe(prompt, num_inference_steps=n, sigmas=record["schedules"][str(n)]["nominal"], guidance_scale=1.0,
-         **record["call_kwargs"])
+    pipe(prompt, **record["calls"][str(n)])   # num_inference_steps, sigmas, guidance_scale=1.0, height, ...
 
-runs exactly the effective σ cdmbench sampled with. Unlike the CDM reference ``save.py``, loading is strict,
-the exported weights must differ from the base, and the folder appears atomically (written to a temporary
-sibling, then renamed).
+is printed in the folder's model card (README.md, ``cdmbench.model_card``) and reproduces cdmbench's sampler:
+``sigmas`` are the student's effective σ (the base scheduler's shift already applied), and the exported
+scheduler config has ``shift: 1.0``, ``use_dynamic_shifting: false`` so diffusers' ``set_timesteps(sigmas=...)``
+passes them through unchanged, and ``stochastic_sampling`` set to the method's sampler (DMD2's re-noising:
+diffusers' stochastic step is the same update, x' = (1 − σ')·x̂0 + σ'·z, but the stock pipeline draws z from
+torch's global generator, not from a per-image one; the card says so). ``cdmbench_student.json`` keeps the
+nominal and effective σ lists, the calls and the run's facts. Unlike the CDM reference ``save.py``, loading is
+strict, the exported weights must differ from the base, and the folder appears atomically (written to a
+temporary sibling, then renamed).
 """
 
 from __future__ import annotations
@@ -32,13 +36,14 @@ logger = logging.getLogger(__name__)
 
 STUDENT_FILE = "cdmbench_student.json"
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: shift-1 scheduler, effective σ in the calls, model card
 LoraMode = Literal["merge", "lora"]
 
 
 def export_student(backbone, student_state: dict[str, torch.Tensor], out_dir: str | os.PathLike,
                    schedules: dict[int, Schedule], meta: dict[str, Any], lora_mode: LoraMode = "merge",
-                   *, overwrite: bool = False) -> Path:
+                   *, stochastic_sampling: bool = False, training: dict[str, Any] | None = None,
+                   card_source: str | None = None, overwrite: bool = False) -> Path:
     """Write ``out_dir`` as a diffusers pipeline whose transformer is the student.
 
     Args:
@@ -50,6 +55,11 @@ def export_student(backbone, student_state: dict[str, torch.Tensor], out_dir: st
         meta: JSON-serialisable run facts (run dir, step, EMA, method …), stored under ``"meta"``.
         lora_mode: "merge" writes full transformer weights (the only choice for full fine-tunes); "lora" keeps
             the base transformer and writes ``pytorch_lora_weights.safetensors`` for ``load_lora_weights``.
+        stochastic_sampling: the student samples with x̂0 re-noising (``Method.stochastic_sampling``, DMD2);
+            written into the exported scheduler config and the model card.
+        training: the training record for the model card (``train_record`` columns, planned steps, ...).
+        card_source: what the model card's ``from_pretrained(...)`` names (default: ``out_dir``; a hub repo id
+            when the folder is pushed).
         overwrite: replace an existing ``out_dir`` (swapped in only after the new folder is complete).
 
     Returns:
@@ -72,7 +82,9 @@ def export_student(backbone, student_state: dict[str, torch.Tensor], out_dir: st
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise CdmbenchError(f"{out_dir} already exists; choose another folder or pass overwrite=True")
-    record = _student_record(backbone, schedules, meta, lora_mode)
+    if not isinstance(stochastic_sampling, bool):
+        raise CdmbenchError(f"stochastic_sampling must be True or False, got {stochastic_sampling!r}")
+    record = _student_record(backbone, schedules, meta, lora_mode, stochastic_sampling, training)
 
     net = backbone.load_net(student_state)  # strict: a key mismatch is an error
     if is_lora:
@@ -89,15 +101,20 @@ def export_student(backbone, student_state: dict[str, torch.Tensor], out_dir: st
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
+        from cdmbench.model_card import write_model_card
+
         pipe = backbone.pipe
         transformer = backbone.teacher if lora_mode == "lora" else net
-        type(pipe)(**{**pipe.components, "transformer": transformer}).save_pretrained(tmp, safe_serialization=True)
+        type(pipe)(**{**pipe.components, "transformer": transformer,
+                      "scheduler": _exported_scheduler(pipe.scheduler, stochastic_sampling)}
+                   ).save_pretrained(tmp, safe_serialization=True)
         if lora_mode == "lora":
             _save_lora(backbone, net, tmp)
         else:
             _verify_saved_transformer(net, tmp / "transformer")
-        _verify_scheduler(backbone, tmp / "scheduler", schedules)
+        _verify_scheduler(backbone, tmp / "scheduler", schedules, record)
         (tmp / STUDENT_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        write_model_card(tmp, record, card_source if card_source is not None else str(out_dir))
         _make_readable(tmp)
         _swap_into_place(tmp, out_dir)
     finally:
@@ -112,8 +129,8 @@ _DATA_ATTRIBUTES: dict[str, type] = {"tokenizer_max_length": int}
 
 
 def load_exported_pipeline(path: str | os.PathLike, *, allow_remote_code: bool = False, **from_pretrained_kwargs):
-    """(pipeline, record) for a folder written by ``export_student``. Call it with ``**record["call_kwargs"]``
-    and a recorded σ list.
+    """(pipeline, record) for a folder written by ``export_student``. Call it as the model card says:
+    ``pipe(prompt, **record["calls"][str(n)])``.
 
     The folder is data, never configuration of the loader: the pipeline class and its ``from_pretrained``
     options come from the registered backbone named by the record's ``arch`` (the record must agree with
@@ -175,7 +192,35 @@ def load_exported_pipeline(path: str | os.PathLike, *, allow_remote_code: bool =
 
 # ------------------------------------------------------------------------------------------------
 
-def _student_record(backbone, schedules: dict[int, Schedule], meta: dict, lora_mode: str) -> dict:
+def exact_float32(x: float) -> float:
+    """The shortest decimal that is the same float32 as ``x`` (0.9000000000000001 → 0.9): σ values print
+    readably in the card, and diffusers and cdmbench both turn them into the same float32."""
+    import numpy as np
+
+    value = float(np.format_float_positional(np.float32(x), unique=True, trim="0"))
+    if np.float32(value) != np.float32(x):  # a numpy formatting change would break exactness: fail, not drift
+        raise CdmbenchError(f"cannot print σ = {x!r} exactly as float32")
+    return value
+
+
+def stock_calls(backbone, schedules: dict[int, Schedule]) -> dict[str, dict[str, Any]]:
+    """Step count → the keyword arguments of the stock pipeline call that runs cdmbench's sampler: the
+    student's effective σ (as the exported shift-1 scheduler passes them through), no CFG, and the
+    backbone's own call options (resolution, text length, ...)."""
+    call_kwargs = backbone.inference_recipe()["call_kwargs"]
+    return {str(n): {"num_inference_steps": n, "sigmas": [exact_float32(x) for x in s.effective],
+                     "guidance_scale": 1.0, **call_kwargs}
+            for n, s in sorted(schedules.items())}
+
+
+def _exported_scheduler(scheduler, stochastic_sampling: bool):
+    """The base scheduler with the σ warp switched off (the calls give effective σ) and the method's sampler."""
+    return type(scheduler).from_config({**scheduler.config, "shift": 1.0, "use_dynamic_shifting": False,
+                                        "stochastic_sampling": stochastic_sampling})
+
+
+def _student_record(backbone, schedules: dict[int, Schedule], meta: dict, lora_mode: str,
+                    stochastic_sampling: bool, training: dict | None) -> dict:
     import cdmbench
 
     if not schedules:
@@ -189,8 +234,9 @@ def _student_record(backbone, schedules: dict[int, Schedule], meta: dict, lora_m
                                 f"(expected effective σ {expected})")
     try:
         json.dumps(meta)
+        json.dumps(training)
     except TypeError as e:
-        raise CdmbenchError(f"export meta must be JSON-serialisable: {e}") from e
+        raise CdmbenchError(f"export meta and training record must be JSON-serialisable: {e}") from e
     is_lora = backbone.options.lora_rank > 0
     cfg = backbone.pipe.scheduler.config
     recipe = backbone.inference_recipe()
@@ -205,15 +251,20 @@ def _student_record(backbone, schedules: dict[int, Schedule], meta: dict, lora_m
         "lora_alpha": (backbone.options.lora_alpha or backbone.options.lora_rank) if is_lora else 0,
         "lora_weight_name": LORA_WEIGHT_NAME if lora_mode == "lora" else None,
         "dtype": backbone.options.dtype,
+        # the base scheduler's σ warp (already in the calls' σ) and what the exported scheduler config says
         "scheduler": {"class": type(backbone.pipe.scheduler).__name__, "shift": cfg.get("shift"),
-                      "use_dynamic_shifting": bool(cfg.get("use_dynamic_shifting")), "mu": backbone.shift_mu},
+                      "use_dynamic_shifting": bool(cfg.get("use_dynamic_shifting")), "mu": backbone.shift_mu,
+                      "exported": {"shift": 1.0, "use_dynamic_shifting": False,
+                                   "stochastic_sampling": stochastic_sampling}},
         "guidance_scale": 1.0,
+        "stochastic_sampling": stochastic_sampling,
         "schedules": {str(n): {"nominal": list(s.nominal), "effective": list(s.effective)}
                       for n, s in sorted(schedules.items())},
+        "calls": stock_calls(backbone, schedules),
         **recipe,
-        "usage": ("pipe, record = cdmbench.export.load_exported_pipeline(DIR); s = record['schedules'][str(n)]; "
-                  "pipe(prompt, num_inference_steps=n, sigmas=s['nominal'], guidance_scale=1.0, "
-                  "**record['call_kwargs'])"),
+        "usage": (f"pipe = diffusers.{type(backbone.pipe).__name__}.from_pretrained(DIR); "
+                  "image = pipe(prompt, **record['calls'][str(n)]).images[0]  (README.md prints each call)"),
+        "training": training,
         "meta": meta,
     }
 
@@ -265,15 +316,19 @@ def _save_lora(backbone, net, folder: Path) -> None:
         raise CdmbenchError("the saved LoRA file does not hold the student's adapter weights")
 
 
-def _verify_scheduler(backbone, folder: Path, schedules: dict[int, Schedule]) -> None:
-    """The exported scheduler, handed each nominal list, must run the recorded effective σ."""
+def _verify_scheduler(backbone, folder: Path, schedules: dict[int, Schedule], record: dict) -> None:
+    """The exported scheduler, handed each call's σ as the pipeline hands them (``set_timesteps(sigmas=...,
+    mu=...)``), must run exactly the float32 σ cdmbench samples with, and sample as the method does."""
     sched = type(backbone.pipe.scheduler).from_pretrained(folder)
+    if bool(sched.config.get("stochastic_sampling")) != record["stochastic_sampling"]:
+        raise CdmbenchError(f"the exported scheduler's stochastic_sampling is {sched.config.get('stochastic_sampling')}"
+                            f", not the method's {record['stochastic_sampling']}")
     for n, s in schedules.items():
-        sched.set_timesteps(sigmas=list(s.nominal), mu=backbone.shift_mu)
-        ran = sched.sigmas[:-1].double().cpu()
-        if ran.shape[0] != n or (ran - torch.tensor(s.effective, dtype=torch.float64)).abs().max() > 1e-5:
-            raise CdmbenchError(f"the exported scheduler runs {ran.tolist()} for the nominal {list(s.nominal)}, "
-                                f"not the recorded effective σ {list(s.effective)}")
+        sched.set_timesteps(sigmas=record["calls"][str(n)]["sigmas"], mu=backbone.shift_mu)
+        ran, want = sched.sigmas.cpu(), s.sigmas()
+        if ran.shape != want.shape or not torch.equal(ran, want):
+            raise CdmbenchError(f"the exported scheduler runs {ran.tolist()} for the {n}-step call, not cdmbench's "
+                                f"σ {want.tolist()}")
 
 
 def _make_readable(folder: Path) -> None:
@@ -295,22 +350,29 @@ def _swap_into_place(tmp: Path, out_dir: Path) -> None:
 
 
 def export_run(run: str | os.PathLike, out_dir: str | os.PathLike, *, workspace: str | os.PathLike = "workspace",
-               weights: str = "ema", lora_mode: LoraMode = "merge", steps: tuple[int, ...] = (1, 2, 4)) -> Path:
+               weights: str = "ema", lora_mode: LoraMode = "merge", steps: tuple[int, ...] = (1, 2, 4),
+               push_to_hub: str | None = None) -> Path:
     """Export a trained run (its latest checkpoint) with :func:`export_student`.
 
     Args:
         run: a run name under ``workspace/runs`` or a run folder.
         weights: "ema" (the student EMA, default) or "raw" (the optimised student weights).
         steps: step counts whose σ lists are recorded; those the method cannot sample are left out.
+        push_to_hub: a Hugging Face repository id to upload the folder to after the export (never implied;
+            checked before anything is written, and refused when the hub is offline).
     """
     from cdmbench.backbones import build_backbone
     from cdmbench.checkpoint import latest_checkpoint, load_checkpoint
+    from cdmbench.eval.sources import train_record
     from cdmbench.methods import METHODS
     from cdmbench.paths import check_name, check_writable_dir
     from cdmbench.resume import read_run_config
+    from cdmbench.run import RunDir
 
     if weights not in ("ema", "raw"):
         raise CdmbenchError(f"--weights must be 'ema' or 'raw', got {weights!r}")
+    if push_to_hub is not None:
+        check_hub_repo(push_to_hub)
     run_dir = Path(run) if Path(run).is_dir() else Path(workspace) / "runs" / check_name(str(run), "RUN")
     if not (run_dir / "config.json").is_file():
         raise CdmbenchError(f"no run {run!r}: {run_dir}/config.json not found")
@@ -323,7 +385,8 @@ def export_run(run: str | os.PathLike, out_dir: str | os.PathLike, *, workspace:
     check_writable_dir(out_dir, "--out")
     cfg = read_run_config(run_dir)
     backbone = build_backbone(cfg.arch, cfg.backbone)
-    method = METHODS.get(cfg.method)(backbone, cfg.method_config, training=False)
+    method_cls = METHODS.get(cfg.method)
+    method = method_cls(backbone, cfg.method_config, training=False)
     nets, _, _, meta = load_checkpoint(ckpt)
     state = nets.get("student_ema" if weights == "ema" else "student")
     if state is None:
@@ -332,7 +395,52 @@ def export_run(run: str | os.PathLike, out_dir: str | os.PathLike, *, workspace:
     schedules = {n: method.schedule(n) for n in steps if supported is None or n in supported}
     if not schedules:
         raise CdmbenchError(f"{cfg.method} samples only with {supported} steps; pass steps accordingly")
-    info = {"run": str(run_dir), "method": cfg.method, "checkpoint": ckpt.name, "step": meta["step"],
-            "weights": weights, "stochastic_sampling": bool(method.stochastic_sampling),
+    rd = RunDir(run_dir)
+    raw_config = rd.config_dict()
+    training = {**dict(train_record(cfg, meta, raw_config.get("world_size", 1))),
+                "planned_steps": cfg.train.steps, "finished": rd.finished,
+                "mixed_precision": cfg.train.mixed_precision, "world_size": raw_config.get("world_size", 1)}
+    info = {"run": str(run_dir), "method": cfg.method, "paper": method_cls.paper, "checkpoint": ckpt.name,
+            "step": meta["step"], "weights": weights, "stochastic_sampling": bool(method.stochastic_sampling),
             "method_config": cfg.to_dict()["method_config"]}
-    return export_student(backbone, state, out_dir, schedules, info, lora_mode)
+    out = export_student(backbone, state, out_dir, schedules, info, lora_mode,
+                         stochastic_sampling=bool(method.stochastic_sampling), training=training,
+                         card_source=push_to_hub)
+    if push_to_hub is not None:
+        push_folder(out, push_to_hub)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Optional upload (``cdmbench export --push-to-hub REPO``); never run by the tests.
+
+def check_hub_repo(repo: str) -> None:
+    """Fail before any work when ``repo`` is not a repository id or the hub cannot be reached (offline)."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo)
+    except HFValidationError as e:
+        raise CdmbenchError(f"--push-to-hub {repo!r} is not a repository id like 'user/name' ({_first_line(e)})") from None
+    if constants.HF_HUB_OFFLINE:
+        raise CdmbenchError(f"--push-to-hub {repo}: the Hugging Face Hub is offline here (HF_HUB_OFFLINE=1); export "
+                            f"without --push-to-hub and upload the folder later with `hf upload {repo} FOLDER`")
+
+
+def push_folder(folder: Path, repo: str) -> None:
+    """Create ``repo`` (a model repository) if needed and upload ``folder``; one line on failure."""
+    from huggingface_hub import HfApi
+
+    try:
+        api = HfApi()
+        api.create_repo(repo, repo_type="model", exist_ok=True)
+        api.upload_folder(repo_id=repo, folder_path=str(folder), repo_type="model",
+                          commit_message="cdmbench export")
+    except Exception as e:  # network, auth, permissions: the export itself is done and stays
+        raise CdmbenchError(f"exported to {folder}, but pushing it to {repo} failed ({type(e).__name__}: "
+                            f"{_first_line(e)}); upload it later with `hf upload {repo} {folder}`") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

@@ -39,12 +39,17 @@ def _assert_pipeline_matches(backbone, student, pipe, record):
         assert record["schedules"][str(n)] == {"nominal": list(schedule.nominal), "effective": list(schedule.effective)}
         noise = torch.randn(1, *backbone.latent_shape, generator=torch.Generator().manual_seed(n))
         ours = sample_euler(Denoiser(backbone, student, cond), noise, schedule.sigmas())
-        theirs = pipe(PROMPT, num_inference_steps=n, sigmas=record["schedules"][str(n)]["nominal"],
-                      guidance_scale=1.0, latents=noise, output_type="latent", **record["call_kwargs"]).images
-        torch.testing.assert_close(pipe.scheduler.sigmas[:-1].cpu(), torch.tensor(schedule.effective), rtol=0, atol=1e-6)
+        call = record["calls"][str(n)]
+        assert call["guidance_scale"] == 1.0 and call["num_inference_steps"] == n
+        theirs = pipe(PROMPT, latents=noise, output_type="latent", **call).images
+        assert torch.equal(pipe.scheduler.sigmas.cpu(), schedule.sigmas())  # exactly cdmbench's float32 σ
         torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=2e-5)
         teacher = sample_euler(Denoiser(backbone, backbone.teacher, cond), noise, schedule.sigmas())
         assert (teacher - ours).abs().max() > 1e-3  # the student really differs from the base
+
+
+def pipe_config(folder):
+    return json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +67,8 @@ def test_sd3_full_student_round_trips_through_the_stock_pipeline(sd3_full, tmp_p
     record = json.loads((out / STUDENT_FILE).read_text())
     assert record["weights"] == "full" and record["meta"] == {"run": "test", "ema": True}
     assert record["scheduler"]["shift"] == 3.0 and record["pipeline_class"] == "StableDiffusion3Pipeline"
+    assert pipe_config(out)["shift"] == 1.0 and pipe_config(out)["stochastic_sampling"] is False
+    assert "guidance_scale=1.0" in (out / "README.md").read_text()
     pipe = StableDiffusion3Pipeline.from_pretrained(out)
     pipe.set_progress_bar_config(disable=True)
     _assert_pipeline_matches(sd3_full, student, pipe, record)
