@@ -213,6 +213,14 @@ def stock_calls(backbone, schedules: dict[int, Schedule]) -> dict[str, dict[str,
             for n, s in sorted(schedules.items())}
 
 
+def _call_default(pipe, name: str):
+    """The default of a pipeline ``__call__`` argument (what a user gets without passing it), or None."""
+    import inspect
+
+    param = inspect.signature(type(pipe).__call__).parameters.get(name)
+    return None if param is None or param.default is inspect.Parameter.empty else param.default
+
+
 def _exported_scheduler(scheduler, stochastic_sampling: bool):
     """The base scheduler with the σ warp switched off (the calls give effective σ) and the method's sampler."""
     return type(scheduler).from_config({**scheduler.config, "shift": 1.0, "use_dynamic_shifting": False,
@@ -257,6 +265,7 @@ def _student_record(backbone, schedules: dict[int, Schedule], meta: dict, lora_m
                       "exported": {"shift": 1.0, "use_dynamic_shifting": False,
                                    "stochastic_sampling": stochastic_sampling}},
         "guidance_scale": 1.0,
+        "pipeline_default_guidance": _call_default(backbone.pipe, "guidance_scale"),
         "stochastic_sampling": stochastic_sampling,
         "schedules": {str(n): {"nominal": list(s.nominal), "effective": list(s.effective)}
                       for n, s in sorted(schedules.items())},

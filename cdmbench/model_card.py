@@ -178,7 +178,7 @@ def _template_values(record: dict, source: str) -> dict[str, Any]:
         "title": f"{method} student of {base}",
         "base_link": base_link, "method": method, "paper_text": f" ({paper})" if paper else "",
         "cdmbench_version": record.get("cdmbench_version", ""), "pipeline_class": record["pipeline_class"],
-        "default_guidance": "7.0" if record["pipeline_class"] == "StableDiffusion3Pipeline" else "> 1",
+        "default_guidance": record.get("pipeline_default_guidance", "above 1"),
         "load_call": f"{record['pipeline_class']}.from_pretrained({source!r}{load_kwargs})",
         "setup_lines": setup,
         "calls": [{"steps": n, "code": call_code(calls[str(n)])} for n in steps],
