@@ -32,6 +32,7 @@ from cdmbench.compute import ComputeMeter, run_roles
 from cdmbench.errors import CdmbenchError, CorruptStateError, NonFiniteError
 from cdmbench.io import write_json
 from cdmbench.resume import begin, check_start
+from cdmbench.methods.base import Batch
 from cdmbench.run import RunConfig, RunDir, resolve_config  # noqa: F401  (resolve_config: re-exported for branches in flight; its home is cdmbench.run)
 
 logger = logging.getLogger(__name__)
@@ -221,6 +222,137 @@ class HealthLog:
                 self.tb.close()
 
 
+class Players:
+    """The trained networks' bookkeeping: one AdamW and LR schedule per network (as prepared by accelerate),
+    their parameter lists, update counts and the student EMA; ``update(name, loss)`` is the callback a
+    method's ``train_step`` calls (backward, gradient accumulation, clipping, the NaN/inf guard, the step)."""
+
+    def __init__(self, method, accelerator, tc, meter_ref):
+        from diffusers.optimization import get_scheduler
+
+        self.method, self.accelerator, self.tc, self.meter_ref = method, accelerator, tc, meter_ref
+        self.specs = method.optim_specs()
+        self.optimizers, self.schedulers = {}, {}
+        for name, spec in self.specs.items():
+            opt = _adamw([p for p in method.nets[name].parameters() if p.requires_grad], spec)
+            # lr = base · min(1, k / warmup): zero on a network's first step, as shipped (cdm.md §6)
+            sched = get_scheduler("constant_with_warmup", opt, num_warmup_steps=spec.warmup)
+            method.nets[name], self.optimizers[name] = accelerator.prepare(method.nets[name], opt)
+            self.schedulers[name] = sched
+        # each optimiser's parameters, as prepared (FSDP2 swaps in sharded ones); listed once, not per update
+        self.trainable = {n: [p for p in method.nets[n].parameters() if p.requires_grad] for n in self.specs}
+        self.ema = StudentEMA(method.nets["student"])
+        self.counts = {name: 0 for name in self.specs}
+        self.last_good = "none yet"
+
+    def begin(self, step: int, expected: set[str]) -> None:
+        """A new iteration: ``expected`` networks step once each (after the last micro-batch)."""
+        self.step, self.expected, self.grad_norms = step, expected, {}
+
+    def micro(self, index: int) -> None:
+        self.index, self.last, self.stepped = index, index == self.tc.grad_accum - 1, []
+
+    def update(self, name: str, loss: torch.Tensor) -> None:
+        step, tc = self.step, self.tc
+        if name not in self.expected or name in self.stepped:
+            raise RuntimeError(f"{self.method.name}: update({name!r}) at step {step}; "
+                               f"optimizers_for says {sorted(self.expected)}")
+        if not torch.isfinite(loss):
+            raise NonFiniteError(f"non-finite {name} loss ({loss.item()}) at iteration {step}; "
+                                 f"training stopped, last good checkpoint: {self.last_good}")
+        params = self.trainable[name]
+        # this loss's gradient goes to ``name`` only: other networks keep their accumulated gradients, and what
+        # the loss leaks into them (e.g. DMD2's GAN generator loss through the discriminator head) is dropped
+        held = {n: [p.grad for p in ps] for n, ps in self.trainable.items() if n != name}
+        for n in held:
+            for p in self.trainable[n]:
+                p.grad = None
+        if self.index == 0:
+            for p in params:
+                p.grad = None
+        with self.meter_ref().backward():
+            self.accelerator.backward(loss / tc.grad_accum)
+        for n, grads in held.items():
+            for p, g in zip(self.trainable[n], grads):
+                p.grad = g
+        self.stepped.append(name)
+        if self.last:
+            self._step(name, params)
+
+    def _step(self, name: str, params: list) -> None:
+        if self.tc.grad_clip > 0:
+            gn = self.accelerator.clip_grad_norm_(params, self.tc.grad_clip)
+        else:
+            gn = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        if not torch.isfinite(torch.as_tensor(gn)):
+            raise NonFiniteError(f"non-finite {name} gradient norm at iteration {self.step}; "
+                                 f"training stopped, last good checkpoint: {self.last_good}")
+        self.optimizers[name].step()
+        self.schedulers[name].step()
+        self.optimizers[name].zero_grad(set_to_none=True)
+        self.counts[name] += 1
+        self.grad_norms[f"grad_norm/{name}"] = float(gn)
+        if name == "student":
+            # k = completed student updates (1 after the first): decay 0.182, 0.250, 0.308, …
+            # (cdm.md §6; byliutao/cdm EMAModuleWrapper.step after student_step += 1)
+            k = self.counts["student"]
+            self.ema.update(min((1 + k) / (10 + k), self.tc.ema_decay))
+        self.method.after_update(name)
+
+    def check(self, out) -> None:
+        """After a train_step: every expected network stepped, every loss key declared."""
+        if set(self.stepped) != self.expected:
+            raise RuntimeError(f"{self.method.name}: stepped {sorted(self.stepped)} at iteration {self.step}, "
+                               f"declared {sorted(self.expected)}")
+        missing = [k for k in out.losses if k not in self.method.loss_keys]
+        if missing:
+            raise RuntimeError(f"{self.method.name}: undeclared loss keys {missing}")
+
+    def state(self, backbone) -> tuple[dict, dict]:
+        """(network states incl. the student EMA, optimiser/schedule/count states): every process takes them
+        (collectives under FSDP2)."""
+        nets = {name: backbone.net_state_dict(self.method.nets[name]) for name in self.specs}
+        nets["student_ema"] = self.ema.read(lambda: backbone.net_state_dict(self.method.nets["student"]))
+        return nets, {"optimizers": {n: full_optimizer_state(self.method.nets[n], o) for n, o in self.optimizers.items()},
+                      "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()},
+                      "counts": self.counts}
+
+    def load(self, backbone, nets: dict, state: dict) -> None:
+        # the EMA first: it goes through the student's parameters, which then get the student's own state
+        self.ema.write(lambda: backbone.load_net_state(self.method.nets["student"], nets["student_ema"]))
+        for name in self.specs:
+            backbone.load_net_state(self.method.nets[name], nets[name])
+            load_full_optimizer_state(self.method.nets[name], self.optimizers[name], state["optimizers"][name])
+            self.schedulers[name].load_state_dict(state["schedulers"][name])
+        self.counts = dict(state["counts"])
+
+
+@dataclasses.dataclass
+class _Run:
+    """What the phases of ``train`` share."""
+
+    cfg: RunConfig
+    dir: Path
+    accelerator: object
+    backbone: object
+    prompts: PromptSource
+    data: object
+    method: object
+    players: Players
+    meter: ComputeMeter | None = None
+    log: HealthLog | None = None
+    start: int = 0
+    prev_minutes: float = 0.0
+    t_start: float = 0.0
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def minutes(self) -> float:
+        return (time.time() - self.t_start) / 60
+
+
 def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, force: bool = False, progress: bool = True,
           stop_after: int | None = None) -> Path:
     """Train ``cfg`` into ``run_dir``; returns the final checkpoint folder.
@@ -230,25 +362,82 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, force: b
     prompt source, the method and its optimisers are built. ``stop_after`` ends the process after that many
     iterations *without* a final checkpoint (a simulated kill, for tests).
     """
-    from accelerate import Accelerator, DistributedType
-    from accelerate.utils import gather_object
-    # imported before seeding: the first import of rich.progress draws from Python's global RNG
+    # rich.progress is imported before seeding: its first import draws from Python's global RNG
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from cdmbench.methods.base import RunContext
+    from cdmbench.pairs import Processes
+
+    # 1. set-up: everything that can fail, before any file is written
+    run_dir, tc = Path(run_dir), cfg.train
+    plan, r = _setup(cfg, run_dir, resume, force)
+    # 2. restore: the newest checkpoint that verifies and loads, said so when it is not the latest
+    loaded = _find_checkpoint(run_dir, r) if plan.resume else None
+    if r.main:  # training can start: only now is anything written
+        begin(run_dir, plan)
+        RunDir(run_dir).write_config(cfg, world_size=r.accelerator.num_processes,
+                                     as_run=run_record(cfg, r.accelerator.num_processes, r.players.specs, r.data))
+    compute_state = _restore(r, *loaded) if loaded else None
+    # counted by the loop, whatever the method does: passes per network role, FLOPs, wall time
+    r.meter = ComputeMeter(run_roles(r.method, r.backbone), r.accelerator.num_processes, compute_state)
+    # one-off work (e.g. DMD's teacher pairs, stored in the run folder), on every process, also on resume
+    a = r.accelerator
+    r.method.prepare(RunContext(run_dir, Processes(a.process_index, a.num_processes, a.wait_for_everyone),
+                                progress and r.main))
+    r.log = HealthLog(run_dir, r.main, r.start)
+    r.t_start = time.time() - 60 * r.prev_minutes  # training minutes accumulate across resumes
+
+    # 3. the loop: iterations, health log, checkpoints, the compute budget
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TimeRemainingColumn(), TextColumn("{task.fields[info]}"), disable=not (progress and r.main))
+    task = bar.add_task(f"train {cfg.method} on {cfg.arch}", total=tc.steps, completed=r.start, info="")
+    final, budget_hit, running = None, None, {}
+    with bar:
+        for step in range(r.start, tc.steps):
+            if stop_after is not None and step - r.start >= stop_after:
+                r.log.close(), r.meter.close()
+                return Path(r.players.last_good)
+            if tc.budget_tflops and r.meter.flops() >= tc.budget_tflops * 1e12:
+                budget_hit = step  # a resumed run that had already spent its budget
+                break
+            losses = _iteration(r, step, running)
+            if step % tc.log_every == 0 or step == tc.steps - 1:
+                _log(r, step, running)
+                bar.update(task, info=" ".join(f"{k}={float(v):.3g}" for k, v in losses.items()))
+            bar.update(task, completed=step + 1)
+            # the compute budget: stop after the first iteration that reaches it (overshoot < one iteration)
+            spent = bool(tc.budget_tflops) and r.meter.flops() >= tc.budget_tflops * 1e12
+            if (step + 1) % tc.checkpoint_every == 0 or step + 1 == tc.steps or spent:
+                final = _save(r, step + 1)
+            if spent:
+                budget_hit = step + 1
+                break
+    # 4. finish: the finished marker with the compute totals
+    r.log.close(), r.meter.close()
+    if r.main:
+        RunDir(run_dir).finish(tc.steps if budget_hit is None else budget_hit, r.players.last_good, r.minutes(),
+                               stopped_by="iterations" if budget_hit is None else f"budget_tflops={tc.budget_tflops}",
+                               compute=r.meter.totals(r.minutes()))
+    return Path(r.players.last_good) if final is None else final
+
+
+# ------------------------------------------------------------------------------------------------
+# The phases of ``train``
+
+
+def _setup(cfg: RunConfig, run_dir: Path, resume: bool, force: bool):
+    """(start plan, _Run): accelerator, seeds, backbone, prompt and data sources, method, optimisers; writes nothing."""
+    from accelerate import Accelerator, DistributedType
 
     from cdmbench.backbones import build_backbone
     from cdmbench.data import build_data_source
     from cdmbench.methods import METHODS
-    from cdmbench.methods.base import Batch, RunContext
-    from cdmbench.pairs import Processes
 
-    run_dir = Path(run_dir)
     tc = cfg.train
     accelerator = Accelerator(cpu=cfg.backbone.device == "cpu", mixed_precision=tc.mixed_precision)
     if cfg.backbone.lora_rank and accelerator.distributed_type == DistributedType.FSDP:
         raise CdmbenchError("LoRA (backbone.lora_rank > 0) does not run under FSDP; "
                             "launch with DDP or train the full network")
-    main = accelerator.is_main_process
-    start, ckpt = 0, None
     plan = check_start(run_dir, cfg.to_dict(), resume=resume, force=force)  # writes nothing
     seed = tc.seed + accelerator.process_index
     torch.manual_seed(seed)
@@ -256,201 +445,98 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, force: b
     np.random.seed(seed % (2**32))
     options = dataclasses.replace(cfg.backbone, device=str(accelerator.device))
     backbone = build_backbone(cfg.arch, options)  # fails (missing weights, bad options) before any file is written
-    prompts = PromptSource(backbone, tc.prompts, tc.seed, accelerator.process_index, accelerator.num_processes)
-    data = build_data_source(backbone, spec=tc.data, seed=tc.seed, process_index=accelerator.process_index,
-                             num_processes=accelerator.num_processes, image_column=tc.data_image_column,
-                             caption_column=tc.data_caption_column, cache_dir=tc.data_cache)
+    index, count = accelerator.process_index, accelerator.num_processes
+    prompts = PromptSource(backbone, tc.prompts, tc.seed, index, count)
+    data = build_data_source(backbone, spec=tc.data, seed=tc.seed, process_index=index, num_processes=count,
+                             image_column=tc.data_image_column, caption_column=tc.data_caption_column,
+                             cache_dir=tc.data_cache)
     # a method that needs real data on a backbone without any fails here, before any file is written
-    method = METHODS.get(cfg.method)(backbone, cfg.method_config, data_source=data)
-    method.prompt_source = prompts.sample  # extra prompts a method draws (e.g. cached teacher pairs)
-    specs = method.optim_specs()
-    optimizers, schedulers = {}, {}
-    for name, spec in specs.items():
-        params = [p for p in method.nets[name].parameters() if p.requires_grad]
-        opt = _adamw(params, spec)
-        warm = spec.warmup
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, (lambda k, w=warm: min(1.0, k / w)) if warm else (lambda k: 1.0))
-        method.nets[name], optimizers[name] = accelerator.prepare(method.nets[name], opt)
-        schedulers[name] = sched
-    # each optimiser's parameters, as prepared (FSDP2 swaps in sharded ones); listed once, not per update
-    trainable = {name: [p for p in method.nets[name].parameters() if p.requires_grad] for name in specs}
-    ema = StudentEMA(method.nets["student"])
-    counts = {name: 0 for name in specs}
-    prev_minutes = 0.0
-    compute_state = None
-    loaded = None
-    if plan.resume:  # the newest checkpoint that verifies and loads, said so when it is not the latest
-        ckpt, loaded, notes = load_newest_intact(run_dir, list(specs))
-        if ckpt is None:
-            raise CorruptStateError(f"--resume: no intact checkpoint in {run_dir} ({'; '.join(notes)}); "
-                                    f"delete the run folder to start again")
-        if notes:
-            logger.warning("%s; resuming from %s instead", "; ".join(notes), ckpt.name)
-    if main:  # training can start: only now is anything written
-        begin(run_dir, plan)
-        RunDir(run_dir).write_config(cfg, world_size=accelerator.num_processes,
-                                     as_run=run_record(cfg, accelerator.num_processes, specs, data))
+    method = METHODS.get(cfg.method)(backbone, cfg.method_config, data_source=data, prompt_source=prompts.sample)
+    r = _Run(cfg, run_dir, accelerator, backbone, prompts, data, method, None)
+    r.players = Players(method, accelerator, tc, lambda: r.meter)
+    return plan, r
 
-    if ckpt is not None:
-        nets, state, extra, meta = loaded
-        # the EMA first: it goes through the student's parameters, which then get the student's own state
-        ema.write(lambda: backbone.load_net_state(method.nets["student"], nets["student_ema"]))
-        for name in specs:
-            backbone.load_net_state(method.nets[name], nets[name])
-            load_full_optimizer_state(method.nets[name], optimizers[name], state["optimizers"][name])
-            schedulers[name].load_state_dict(state["schedulers"][name])
-        method.load_extra_state(extra)
-        if data is not None and "data" in state:
-            data.load_state_dict(state["data"])
-        counts = dict(state["counts"])
-        rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # one per process
-        if len(rngs) == accelerator.num_processes:
-            _set_rng_state(rngs[accelerator.process_index], accelerator.device)
-        else:
-            logger.warning("resuming %d processes from a checkpoint of %d: random streams are reseeded, so the run "
-                           "is not the one an uninterrupted run would be", accelerator.num_processes, len(rngs))
-            torch.manual_seed(_mix(tc.seed, int(meta["step"]), accelerator.process_index))
-        start = int(meta["step"])
-        prev_minutes = float(meta.get("minutes", 0.0))
-        compute_state = state.get("compute")
-    # counted by the loop, whatever the method does: passes per network role, FLOPs, wall time
-    meter = ComputeMeter(run_roles(method, backbone), accelerator.num_processes, compute_state)
 
-    # one-off work (e.g. DMD's teacher pairs, stored in the run folder), on every process, also on resume
-    method.prepare(RunContext(run_dir, Processes(accelerator.process_index, accelerator.num_processes,
-                                                 accelerator.wait_for_everyone), progress and main))
-    log = HealthLog(run_dir, main, start)
-    last_good = str(ckpt) if ckpt else "none yet"
-    t_start = time.time() - 60 * prev_minutes  # training minutes accumulate across resumes
+def _find_checkpoint(run_dir: Path, r: _Run):
+    ckpt, loaded, notes = load_newest_intact(run_dir, list(r.players.specs))
+    if ckpt is None:
+        raise CorruptStateError(f"--resume: no intact checkpoint in {run_dir} ({'; '.join(notes)}); "
+                                f"delete the run folder to start again")
+    if notes:
+        logger.warning("%s; resuming from %s instead", "; ".join(notes), ckpt.name)
+    return ckpt, loaded
 
-    def save(step: int) -> Path:
-        nonlocal last_good
-        # every process takes the states (collectives under FSDP2); the main one writes them
-        nets = {name: backbone.net_state_dict(method.nets[name]) for name in specs}
-        nets["student_ema"] = ema.read(lambda: backbone.net_state_dict(method.nets["student"]))
-        state = {"optimizers": {n: full_optimizer_state(method.nets[n], o) for n, o in optimizers.items()},
-                 "schedulers": {n: s.state_dict() for n, s in schedulers.items()},
-                 "counts": counts, "rng": gather_object([_rng_state(accelerator.device)]),
-                 "data": data.state_dict() if data is not None else {},  # the same on every process
-                 "compute": meter.state_dict()}
-        path = None
-        if main:
-            minutes = (time.time() - t_start) / 60
-            path = save_checkpoint(run_dir, step, nets, state, method.extra_state(),
-                                   {"method": cfg.method, "arch": cfg.arch, "minutes": minutes,
-                                    "compute": meter.totals(minutes)},
-                                   keep=tc.keep_checkpoints)
-            write_json(run_dir / COMPUTE_FILE, {"step": step, **meter.totals(minutes)})
-            last_good = str(path)
-        accelerator.wait_for_everyone()
-        return path
 
-    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                   TimeRemainingColumn(), TextColumn("{task.fields[info]}"), disable=not (progress and main))
-    task = bar.add_task(f"train {cfg.method} on {cfg.arch}", total=tc.steps, completed=start, info="")
-    final = None
-    running: dict[str, list] = {}
-    budget_hit = None
-    with bar:
-        for step in range(start, tc.steps):
-            if stop_after is not None and step - start >= stop_after:
-                log.close()
-                meter.close()
-                return Path(last_good)
-            if tc.budget_tflops and meter.flops() >= tc.budget_tflops * 1e12:
-                budget_hit = step  # a resumed run that had already spent its budget
-                break
-            expected = set(method.optimizers_for(step))
-            grad_norms: dict[str, float] = {}
-            with meter.iteration(step, expected):  # every micro-batch, prompt encoding included
-                for micro in range(tc.grad_accum):  # micro-batches; each network steps after the last one
-                    batch_prompts = prompts(step, tc.batch_size, micro)
-                    batch = Batch(batch_prompts, backbone.encode_prompts(batch_prompts),
-                                  shared_seed=_mix(tc.seed, step, *([micro] if micro else [])))
-                    stepped: list[str] = []
-                    last = micro == tc.grad_accum - 1
+def _restore(r: _Run, ckpt: Path, loaded) -> dict | None:
+    """Load networks, optimisers, schedules, the EMA, the data position and the RNG states; returns the
+    compute totals so far."""
+    nets, state, extra, meta = loaded
+    a = r.accelerator
+    r.players.load(r.backbone, nets, state)
+    r.method.load_extra_state(extra)
+    if r.data is not None and "data" in state:
+        r.data.load_state_dict(state["data"])
+    rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # one per process
+    if len(rngs) == a.num_processes:
+        _set_rng_state(rngs[a.process_index], a.device)
+    else:
+        logger.warning("resuming %d processes from a checkpoint of %d: random streams are reseeded, so the run "
+                       "is not the one an uninterrupted run would be", a.num_processes, len(rngs))
+        torch.manual_seed(_mix(r.cfg.train.seed, int(meta["step"]), a.process_index))
+    r.start, r.prev_minutes = int(meta["step"]), float(meta.get("minutes", 0.0))
+    r.players.last_good = str(ckpt)
+    return state.get("compute")
 
-                    def update(name: str, loss: torch.Tensor) -> None:
-                        if name not in expected or name in stepped:
-                            raise RuntimeError(f"{cfg.method}: update({name!r}) at step {step}; optimizers_for says {sorted(expected)}")
-                        if not torch.isfinite(loss):
-                            raise NonFiniteError(f"non-finite {name} loss ({loss.item()}) at iteration {step}; "
-                                                 f"training stopped, last good checkpoint: {last_good}")
-                        params = trainable[name]
-                        # this loss's gradient goes to ``name`` only: other networks keep their accumulated
-                        # gradients, and what the loss leaks into them (e.g. DMD2's GAN generator loss through the
-                        # discriminator head) is dropped
-                        held = {n: [p.grad for p in ps] for n, ps in trainable.items() if n != name}
-                        for n in held:
-                            for p in trainable[n]:
-                                p.grad = None
-                        if micro == 0:
-                            for p in params:
-                                p.grad = None
-                        with meter.backward():
-                            accelerator.backward(loss / tc.grad_accum)
-                        for n, grads in held.items():
-                            for p, g in zip(trainable[n], grads):
-                                p.grad = g
-                        stepped.append(name)
-                        if not last:
-                            return
-                        if tc.grad_clip > 0:
-                            gn = accelerator.clip_grad_norm_(params, tc.grad_clip)
-                        else:
-                            gn = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-                        if not torch.isfinite(torch.as_tensor(gn)):
-                            raise NonFiniteError(f"non-finite {name} gradient norm at iteration {step}; "
-                                                 f"training stopped, last good checkpoint: {last_good}")
-                        optimizers[name].step()
-                        schedulers[name].step()
-                        optimizers[name].zero_grad(set_to_none=True)
-                        counts[name] += 1
-                        grad_norms[f"grad_norm/{name}"] = float(gn)
-                        if name == "student":
-                            # k = completed student updates (1 after the first): decay 0.182, 0.250, 0.308, …
-                            # (cdm.md §6; byliutao/cdm EMAModuleWrapper.step after student_step += 1)
-                            k = counts["student"]
-                            ema.update(min((1 + k) / (10 + k), tc.ema_decay))
-                        method.after_update(name)
 
-                    with accelerator.autocast():
-                        out = method.train_step(batch, step, update)
-                    if set(stepped) != expected:
-                        raise RuntimeError(f"{cfg.method}: stepped {sorted(stepped)} at iteration {step}, declared {sorted(expected)}")
-                    missing = [k for k in out.losses if k not in method.loss_keys]
-                    if missing:
-                        raise RuntimeError(f"{cfg.method}: undeclared loss keys {missing}")
-                    for k, v in [*((f"loss/{k}", v) for k, v in out.losses.items()),
-                                 *((f"health/{k}", v) for k, v in out.logs.items())]:
-                        acc = running.setdefault(k, [0.0, 0])  # means since the last log row: players that step
-                        acc[0] += float(v)                     # on different iterations all show up
-                        acc[1] += 1
-            for k, v in grad_norms.items():
-                acc = running.setdefault(k, [0.0, 0])
-                acc[0] += v
+def _iteration(r: _Run, step: int, running: dict) -> dict:
+    """One iteration (every micro-batch, prompt encoding included, inside the compute meter); returns its losses."""
+    tc, players, method = r.cfg.train, r.players, r.method
+    expected = set(method.optimizers_for(step))
+    players.begin(step, expected)
+    with r.meter.iteration(step, expected):
+        for micro in range(tc.grad_accum):  # micro-batches; each network steps after the last one
+            players.micro(micro)
+            batch_prompts = r.prompts(step, tc.batch_size, micro)
+            batch = Batch(batch_prompts, r.backbone.encode_prompts(batch_prompts),
+                          shared_seed=_mix(tc.seed, step, *([micro] if micro else [])))
+            with r.accelerator.autocast():
+                out = method.train_step(batch, step, players.update)
+            players.check(out)
+            for k, v in [*((f"loss/{k}", v) for k, v in out.losses.items()),
+                         *((f"health/{k}", v) for k, v in out.logs.items())]:
+                acc = running.setdefault(k, [0.0, 0])  # means since the last log row: players that step
+                acc[0] += float(v)                     # on different iterations all show up
                 acc[1] += 1
-            if step % tc.log_every == 0 or step == tc.steps - 1:
-                values = {k: total / n for k, (total, n) in running.items()}
-                running.clear()
-                values.update({f"lr/{n}": s.get_last_lr()[0] for n, s in schedulers.items()})
-                values["time/minutes"] = (time.time() - t_start) / 60
-                log.write(step, values)
-                bar.update(task, info=" ".join(f"{k}={float(v):.3g}" for k, v in out.losses.items()))
-            bar.update(task, completed=step + 1)
-            # the compute budget: stop after the first iteration that reaches it (overshoot < one iteration)
-            spent = bool(tc.budget_tflops) and meter.flops() >= tc.budget_tflops * 1e12
-            if (step + 1) % tc.checkpoint_every == 0 or step + 1 == tc.steps or spent:
-                final = save(step + 1)
-            if spent:
-                budget_hit = step + 1
-                break
-    log.close()
-    meter.close()
-    if main:
-        minutes = (time.time() - t_start) / 60
-        done_step = tc.steps if budget_hit is None else budget_hit
-        RunDir(run_dir).finish(done_step, last_good, minutes,
-                               stopped_by="iterations" if budget_hit is None else f"budget_tflops={tc.budget_tflops}",
-                               compute=meter.totals(minutes))
-    return Path(last_good) if final is None else final
+    for k, v in players.grad_norms.items():
+        acc = running.setdefault(k, [0.0, 0])
+        acc[0] += v
+        acc[1] += 1
+    return out.losses
+
+
+def _log(r: _Run, step: int, running: dict) -> None:
+    values = {k: total / n for k, (total, n) in running.items()}
+    running.clear()
+    values.update({f"lr/{n}": s.get_last_lr()[0] for n, s in r.players.schedulers.items()})
+    values["time/minutes"] = r.minutes()
+    r.log.write(step, values)
+
+
+def _save(r: _Run, step: int) -> Path | None:
+    """A checkpoint at ``step`` (atomic, the newest ``keep_checkpoints`` kept) and the compute totals."""
+    from accelerate.utils import gather_object
+
+    nets, state = r.players.state(r.backbone)
+    state.update({"rng": gather_object([_rng_state(r.accelerator.device)]),
+                  "data": r.data.state_dict() if r.data is not None else {},  # the same on every process
+                  "compute": r.meter.state_dict()})
+    path = None
+    if r.main:
+        minutes = r.minutes()
+        path = save_checkpoint(r.dir, step, nets, state, r.method.extra_state(),
+                               {"method": r.cfg.method, "arch": r.cfg.arch, "minutes": minutes,
+                                "compute": r.meter.totals(minutes)}, keep=r.cfg.train.keep_checkpoints)
+        write_json(r.dir / COMPUTE_FILE, {"step": step, **r.meter.totals(minutes)})
+        r.players.last_good = str(path)
+    r.accelerator.wait_for_everyone()
+    return path

@@ -259,10 +259,8 @@ def _generate(ev: _Eval, process_index: int, num_processes: int, on_image: OnIma
 def score(cfg: EvalConfig, *, process_index: int = 0, num_processes: int = 1) -> Path:
     """Score every (source, steps) image set with every selected metric; returns the results file.
 
-    Scoring reads the PNGs written by ``generate`` and never regenerates: missing images are an error.
-    ``process_index``/``num_processes``: this process scores every ``num_processes``-th image set (keyed,
-    locked appends: several processes may score into one eval folder).
-    """
+    Reads the PNGs ``generate`` wrote (missing images are an error); this process scores every
+    ``num_processes``-th image set (keyed, locked appends: processes may share one eval folder)."""
     shard([], process_index, num_processes)  # validate the split
     return _score(_Eval(cfg), process_index, num_processes)
 
@@ -273,14 +271,11 @@ def _score(ev: _Eval, process_index: int = 0, num_processes: int = 1) -> Path:
     scorer = Scorer(ev.out, list(ev.cfg.metrics or METRICS.names()), MetricOptions(device=ev.cfg.device), ev.sources)
     records = ev.manifest.read()
     with _progress(ev.cfg.progress) as bar:
-        task = bar.add_task("score", total=sum(len(s.steps) for s in ev.sources))
-        i = 0
-        for _, _, _, plans in ev.walk(with_sampler=False):
-            for plan in plans:
-                if i % num_processes == process_index:
-                    scorer.write(scorer.score(plan, ev.items(plan.arch), records))
-                i += 1
-                bar.advance(task)
+        mine = shard([p for _, _, _, ps in ev.walk(with_sampler=False) for p in ps], process_index, num_processes)
+        task = bar.add_task("score", total=len(mine))
+        for plan in mine:
+            scorer.write(scorer.score(plan, ev.items(plan.arch), records))
+            bar.advance(task)
     return scorer.results
 
 

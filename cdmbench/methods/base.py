@@ -90,13 +90,19 @@ class Method(ABC):
     # checkpointing and batch size are the backbone's ``training_defaults``.
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
 
-    def __init__(self, backbone: Backbone, config, *, training: bool = True, data_source=None):
+    def __init__(self, backbone: Backbone, config, *, training: bool = True, data_source=None,
+                 prompt_source: Callable[[int, torch.Generator], list[str]] | None = None):
+        """``training``: build the networks a run trains (False: the student alone, for sampling);
+        ``data_source``: the run's real training data (``cdmbench.data.DataSource``) or None;
+        ``prompt_source``: ``(n, generator) -> prompts``, the run's training prompts beyond the batch (None:
+        the backbone's own). The training loop passes both; a subclass forwards ``**run`` to here."""
         if not isinstance(config, self.Config):
             raise CdmbenchError(f"{self.name} needs a {self.Config.__name__}, got {type(config).__name__}")
         self.backbone = backbone
         self.config = config
         self.training = training
-        self.data_source = data_source  # the run's real training data (cdmbench.data.DataSource) or None
+        self.data_source = data_source
+        self.prompt_source = prompt_source
         why = self.needs_data() if training else None
         if why:
             from cdmbench.data import require_data
@@ -138,8 +144,6 @@ class Method(ABC):
     def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
         pass
 
-    prompt_source: Callable[[int, torch.Generator], list[str]] | None = None  # set by the training loop
-
     def draw_prompts(self, n: int, generator: torch.Generator) -> list[str]:
         """Training prompts beyond the batch (the run's prompt file, else the backbone's own source)."""
         return (self.prompt_source or self.backbone.train_prompts)(n, generator)
@@ -173,6 +177,12 @@ class Method(ABC):
         """Velocity of a network (by name in ``nets`` or the teacher module) in fp32."""
         net = self.nets[net_name_or_module] if isinstance(net_name_or_module, str) else net_name_or_module
         return self.backbone.velocity(net, x, sigma, cond).float()
+
+    def teacher_cfg(self, x, sigma, cond) -> tuple[torch.Tensor, torch.Tensor]:
+        """(v_uncond, v_cond) of the teacher at (x, σ) in one batched pass; CFG is v_u + g·(v_c − v_u)."""
+        B = x.shape[0]
+        return self.v(self.teacher, torch.cat([x, x]), torch.cat([sigma, sigma]),
+                      self.backbone.uncond(B).cat(cond)).chunk(2)
 
     @property
     def teacher(self) -> nn.Module:

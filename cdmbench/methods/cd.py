@@ -75,13 +75,13 @@ class CD(Method):
         "longcat": {"train.steps": 20000, "train.batch_size": 2},
     }
 
-    def __init__(self, backbone, config: CDConfig, *, training: bool = True, data_source=None):
-        super().__init__(backbone, config, training=training, data_source=data_source)
+    def __init__(self, backbone, config: CDConfig, **run):
+        super().__init__(backbone, config, **run)  # training, data_source, prompt_source (see Method)
         nominal = [1.0 - k / config.solver_steps for k in range(config.solver_steps)]
         self.grid = make_schedule(nominal, backbone.shift_sigmas).sigmas(backbone.device)  # (solver_steps + 1,)
         self.target_net = None
         self._ema_pairs = None  # (target params, student params) for the EMA update
-        if training and config.target is Target.EMA:
+        if self.training and config.target is Target.EMA:
             self.target_net = copy.deepcopy(self.nets["student"]).eval().requires_grad_(False)
 
     @property
@@ -140,8 +140,7 @@ class CD(Method):
         s_n, s_next, s_edge = self.grid[n], self.grid[n + 1], self.grid[edge]
         x_n = renoise(x0, s_n, torch.randn_like(x0))
         with torch.no_grad():  # one teacher Euler step with CFG
-            v_u, v_c = self.v(self.teacher, torch.cat([x_n, x_n]), torch.cat([s_n, s_n]),
-                              self.backbone.uncond(B).cat(cond)).chunk(2)
+            v_u, v_c = self.teacher_cfg(x_n, s_n, cond)
             x_next = euler_step(x_n, s_n, s_next, v_u + c.guidance * (v_c - v_u))
             target_net = self.target_net if self.target_net is not None else "student"
             target = self.jump(target_net, x_next, s_next, s_edge, cond)

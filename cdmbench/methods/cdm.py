@@ -19,25 +19,15 @@ from cdmbench.config import check_enum_fields
 from cdmbench.errors import CdmbenchError
 from cdmbench.methods import METHODS
 from cdmbench.methods.base import Batch, Method, OptimSpec, StepOutput, Update
-from cdmbench.methods.losses import euler_step, flow_matching_loss, normalized_x0_matching_loss, renoise, to_x0
-from cdmbench.methods.schedules import SigmaMethod, random_rollout_nominal, sample_sigmas
-from cdmbench.sampling import make_schedule
+from cdmbench.methods import matching
+from cdmbench.methods.losses import euler_step, renoise, to_x0
+from cdmbench.methods.matching import Rollout, RolloutMode, X0Source
+from cdmbench.methods.schedules import SigmaMethod, random_rollout_nominal
 
 
 class ScheduleMode(str, enum.Enum):
     RANDOM = "random"  # N ~ U{1..max_rollout_steps}, inner σ ~ U(low, high) sorted (cdm.md §2.1)
     FIXED = "fixed"  # ``fixed_sigmas`` every iteration (the "fixed schedule" ablation)
-
-
-class RolloutMode(str, enum.Enum):
-    ODE = "ode"  # Euler ODE: re-noise with the model's own implied noise (shipped)
-    SDE = "sde"  # x̂0 re-noised with fresh noise
-
-
-class X0Source(str, enum.Enum):
-    X0_NEXT = "x0_next"  # X0[i+1]: the student's x̂0 at the sampled step i
-    X0_CURRENT = "x0_current"  # X0[i] (pure noise at i = 0; cdm.md §11.9)
-    X0_FINAL = "x0_final"  # X[N]: the final rollout sample
 
 
 class StudentXtMode(str, enum.Enum):
@@ -115,17 +105,6 @@ class CDMConfig:
             raise CdmbenchError("student_xt_mode=fresh has no upper bound: student_sigma_method cannot be uniform_capped")
 
 
-@dataclass
-class Rollout:
-    """Backward simulation record (cdm.md §2): X (N+1,B,...), X0 (N+1,B,...) with X0[0] = X[0],
-    V (N,B,...), effective σ (N+1,) ending at 0."""
-
-    X: torch.Tensor
-    X0: torch.Tensor
-    V: torch.Tensor
-    sigmas: torch.Tensor
-
-
 @METHODS.register("cdm")
 class CDM(Method):
     Config = CDMConfig
@@ -138,9 +117,9 @@ class CDM(Method):
         "longcat": {"train.steps": 2001, "train.checkpoint_every": 500},
     }
 
-    def __init__(self, backbone, config: CDMConfig, *, training: bool = True, data_source=None):
-        super().__init__(backbone, config, training=training, data_source=data_source)
-        if training:
+    def __init__(self, backbone, config: CDMConfig, **run):
+        super().__init__(backbone, config, **run)  # training, data_source, prompt_source (see Method)
+        if self.training:
             self.nets["fake_score"] = backbone.trainable_copy()
 
     def optim_specs(self):
@@ -154,11 +133,8 @@ class CDM(Method):
         return ("fake_score",)
 
     def after_update(self, name: str) -> None:
-        m = self.config.fake_merge
-        if name == "fake_score" and m < 1.0:  # EMA-from-student merge (cdm.md §4 step 5)
-            with torch.no_grad():
-                torch._foreach_lerp_(list(_module(self.nets["fake_score"]).parameters()),
-                                     [p.detach() for p in _module(self.nets["student"]).parameters()], 1 - m)
+        if name == "fake_score":  # EMA-from-student merge (cdm.md §4 step 5)
+            matching.merge_fake_score(self, self.config.fake_merge)
 
     # ---- backward simulation ---------------------------------------------------------------------
     def rollout_nominal(self, batch: Batch) -> list[float]:
@@ -169,39 +145,18 @@ class CDM(Method):
         return random_rollout_nominal(batch.shared_rng(), c.max_rollout_steps, c.random_sigma_low,
                                       c.random_sigma_high, inner_rng=random)
 
-    @torch.no_grad()
-    def rollout(self, cond, nominal: list[float], batch_size: int) -> Rollout:
-        sched = make_schedule(nominal, self.backbone.shift_sigmas)
-        sig = sched.sigmas(self.backbone.device)
-        x = torch.randn(batch_size, *self.backbone.latent_shape, device=self.backbone.device)
-        X, X0, V = [x], [x], []
-        student = self.nets["student"]
-        was_training = student.training
-        student.eval()
-        for k in range(sched.steps):
-            s = sig[k].expand(batch_size)
-            v = self.v("student", x, s, cond)
-            x0 = to_x0(x, s, v)
-            if self.config.rollout is RolloutMode.SDE and sig[k + 1] > 0:
-                x = renoise(x0, sig[k + 1].expand(batch_size), torch.randn_like(x))
-            else:
-                x = euler_step(x, s, sig[k + 1].expand(batch_size), v)
-            X.append(x), X0.append(x0), V.append(v)
-        student.train(was_training)
-        return Rollout(torch.stack(X), torch.stack(X0), torch.stack(V), sig)
-
     # ---- one iteration -----------------------------------------------------------------------------
     def train_step(self, batch: Batch, step: int, update: Update) -> StepOutput:
         c, cond, B = self.config, batch.cond, batch.size
         dev = self.backbone.device
-        ro = self.rollout(cond, self.rollout_nominal(batch), B)
+        ro = matching.backward_simulation(self, cond, self.rollout_nominal(batch), B, c.rollout)
         N = ro.V.shape[0]
         ar = torch.arange(B, device=dev)
         idx = torch.randint(0, N, (B,), device=dev)  # shared by the fake update and all student terms
         sig_i = ro.sigmas[idx]
         out = StepOutput(logs={"rollout_steps": N, "x0_mean": ro.X[-1].mean().item(), "x0_var": ro.X[-1].var().item()})
 
-        out.losses["fake_score"] = self.fake_score_step(ro, idx, cond, update)
+        out.losses["fake_score"] = matching.fake_score_step(self, ro, idx, cond, update)
         if "student" not in self.optimizers_for(step):
             return out
 
@@ -212,7 +167,7 @@ class CDM(Method):
         if c.ca_weight or c.dm_weight:
             x0_on = to_x0(x_i, sig_i, self.v("student", x_i, sig_i, cond))
         if c.ca_weight:
-            l_ca, n_ca = self.ca_loss(x0_on, sig_i, cond)
+            l_ca, n_ca = matching.ca_loss(self, x0_on, sig_i, cond)
             total = total + c.ca_weight * l_ca
             out.losses["ca"], out.logs["norm_ca"] = l_ca.detach(), n_ca.mean().item()
         if c.dm_weight:
@@ -230,42 +185,10 @@ class CDM(Method):
         out.losses["student"] = total.detach()
         return out
 
-    def fake_score_step(self, ro: Rollout, idx, cond, update: Update) -> torch.Tensor:
-        """Fake score φ: denoising loss on the student's x̂0 at the sampled steps, one update (cdm.md §4)."""
-        c, B, N = self.config, idx.shape[0], ro.V.shape[0]
-        ar = torch.arange(B, device=idx.device)
-        x0_ft = {X0Source.X0_NEXT: ro.X0[idx + 1, ar], X0Source.X0_CURRENT: ro.X0[idx, ar],
-                 X0Source.X0_FINAL: ro.X[N]}[c.fake_x0_source]
-        s = self._sigmas(B, c.fake_sigma_method)
-        z = torch.randn_like(x0_ft)
-        loss = flow_matching_loss(self.v("fake_score", renoise(x0_ft, s, z), s, cond), x0_ft, z)
-        update("fake_score", loss)
-        return loss.detach()
-
-    # ---- the three student terms -------------------------------------------------------------------
-    def ca_loss(self, x0_hat, sig_i, cond):
-        """L_CA (cdm.md §5.1): Δ = g·(x0_c − x0_u) at σ_t ~ U(0, σ_i), r = x0_c."""
-        B = x0_hat.shape[0]
-        s_t = self._sigmas(B, self.config.ca_sigma_method, upper_bound=sig_i)
-        x_t = renoise(x0_hat.detach(), s_t, torch.randn_like(x0_hat))
-        with torch.no_grad():
-            both = self.v(self.teacher, torch.cat([x_t, x_t]), torch.cat([s_t, s_t]),
-                          self.backbone.uncond(B).cat(cond))
-            v_u, v_c = both.chunk(2)
-            x0_c, x0_u = to_x0(x_t, s_t, v_c), to_x0(x_t, s_t, v_u)
-        return normalized_x0_matching_loss(x0_hat, self.config.guidance * (x0_c - x0_u), x0_c, self.config.norm_clip_min)
-
-    def dm_loss(self, x0_hat, sig_i, cond, method: SigmaMethod, x0_base=None, s_t=None, x_t=None):
-        """L_DM (cdm.md §5.2) / the matching step of L_CDM: Δ = x0_real − x0_fake (no CFG), r = x0_real."""
-        B = x0_hat.shape[0]
-        base = x0_hat.detach() if x0_base is None else x0_base
-        if x_t is None:
-            s_t = self._sigmas(B, method, upper_bound=sig_i) if s_t is None else s_t
-            x_t = renoise(base, s_t, torch.randn_like(base))
-        with torch.no_grad():
-            x0_real = to_x0(x_t, s_t, self.v(self.teacher, x_t, s_t, cond))
-            x0_fake = to_x0(x_t, s_t, self.v("fake_score", x_t, s_t, cond))
-        return normalized_x0_matching_loss(x0_hat, x0_real - x0_fake, x0_real, self.config.norm_clip_min)
+    # ---- the off-trajectory term -----------------------------------------------------------------
+    def dm_loss(self, x0_hat, sig_i, cond, how: SigmaMethod, x0_base=None, s_t=None, x_t=None):
+        """L_DM (cdm.md §5.2), also the matching step of L_CDM (``matching.dm_loss``)."""
+        return matching.dm_loss(self, x0_hat, sig_i, cond, how, x0_base=x0_base, s_t=s_t, x_t=x_t)
 
     def cdm_loss(self, ro: Rollout, idx, cond):
         """L_CDM (cdm.md §5.3): matching on student latents off the sampled trajectory."""
@@ -277,7 +200,7 @@ class CDM(Method):
         if c.student_xt_mode is StudentXtMode.TRAJECTORY_XT:
             s_s, x_s = sig_i, ro.X[i, ar]
         else:
-            s_s = self._sigmas(B, c.student_sigma_method, upper_bound=sig_i)
+            s_s = matching.draw_sigmas(self, B, c.student_sigma_method, upper_bound=sig_i)
             if c.student_xt_mode is StudentXtMode.FRESH:
                 base = ro.X[N] if c.student_x0_base is StudentX0Base.X0_FINAL else ro.X0[i + 1, ar]
                 x_s = renoise(base, s_s, torch.randn_like(base))
@@ -291,13 +214,3 @@ class CDM(Method):
             return self.dm_loss(x0_hat, sig_i, cond, c.teacher_sigma_method, s_t=s_s, x_t=x_s.detach())
         s_t = s_s if c.teacher_xt_mode is TeacherXtMode.FRESH_SHARED_T else None
         return self.dm_loss(x0_hat, sig_i, cond, c.teacher_sigma_method, x0_base=base, s_t=s_t)
-
-    def _sigmas(self, n, method, upper_bound=None):
-        c = self.config
-        ub = None if upper_bound is None else upper_bound.detach().float().cpu()
-        return sample_sigmas(n, method, sigma_min=c.sigma_min, sigma_max=c.sigma_max, upper_bound=ub,
-                             device=self.backbone.device)
-
-
-def _module(net):
-    return getattr(net, "module", net)

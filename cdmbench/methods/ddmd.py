@@ -2,8 +2,8 @@
 
 The DMD gradient split into a CFG-augmentation term (the "engine", re-noised at σ ~ U(0, σ_i)) and a
 distribution-matching term (the "regulariser", σ ~ U(0, 1)), trained with backward simulation on the
-fixed 4-step schedule. It is CDM without the continuous schedule and without the off-trajectory term,
-so it reuses CDM's rollout and terms.
+fixed 4-step schedule. It is CDM without the continuous schedule and without the off-trajectory term:
+the rollout, fake-score step and the two terms are the shared helpers of ``methods/matching.py``.
 """
 
 from __future__ import annotations
@@ -13,10 +13,12 @@ from dataclasses import dataclass
 import torch
 
 from cdmbench.config import check_enum_fields
+from cdmbench.errors import CdmbenchError
 from cdmbench.methods import METHODS
-from cdmbench.methods.base import Batch, OptimSpec, StepOutput, Update
-from cdmbench.methods.cdm import CDM, RolloutMode, X0Source
+from cdmbench.methods import matching
+from cdmbench.methods.base import Batch, Method, OptimSpec, StepOutput, Update
 from cdmbench.methods.losses import to_x0
+from cdmbench.methods.matching import RolloutMode, X0Source
 from cdmbench.methods.schedules import SigmaMethod
 
 
@@ -44,10 +46,12 @@ class DDMDConfig:
 
     def __post_init__(self):
         check_enum_fields(self)
+        if self.update_ratio < 1:
+            raise CdmbenchError(f"update_ratio must be >= 1, got {self.update_ratio}")
 
 
 @METHODS.register("ddmd")
-class DDMD(CDM):
+class DDMD(Method):
     Config = DDMDConfig
     paper = "Decoupled DMD (Z-Image), arXiv 2511.22677"
     loss_keys = ("fake_score", "ca", "dm", "student")
@@ -58,27 +62,38 @@ class DDMD(CDM):
         "longcat": {"train.steps": 2001},
     }
 
+    def __init__(self, backbone, config: DDMDConfig, **run):
+        super().__init__(backbone, config, **run)  # training, data_source, prompt_source (see Method)
+        if self.training:
+            self.nets["fake_score"] = backbone.trainable_copy()
+
     def optim_specs(self):
         c = self.config
         return {"student": OptimSpec(c.student_lr, c.betas, c.weight_decay, warmup=c.warmup),
                 "fake_score": OptimSpec(c.fake_lr, c.betas, c.weight_decay, warmup=c.warmup)}
 
-    def rollout_nominal(self, batch: Batch) -> list[float]:
-        return list(self.config.fixed_sigmas)
+    def optimizers_for(self, step: int) -> tuple[str, ...]:
+        if (step + 1) % self.config.update_ratio == 0:
+            return ("fake_score", "student")
+        return ("fake_score",)
+
+    def after_update(self, name: str) -> None:
+        if name == "fake_score":
+            matching.merge_fake_score(self, self.config.fake_merge)
 
     def train_step(self, batch: Batch, step: int, update: Update) -> StepOutput:
         c, cond, B = self.config, batch.cond, batch.size
-        ro = self.rollout(cond, self.rollout_nominal(batch), B)
+        ro = matching.backward_simulation(self, cond, list(c.fixed_sigmas), B, c.rollout)
         N, ar = ro.V.shape[0], torch.arange(B, device=self.backbone.device)
         idx = torch.randint(0, N, (B,), device=self.backbone.device)
         out = StepOutput(logs={"x0_mean": ro.X[-1].mean().item(), "x0_var": ro.X[-1].var().item()})
-        out.losses["fake_score"] = self.fake_score_step(ro, idx, cond, update)
+        out.losses["fake_score"] = matching.fake_score_step(self, ro, idx, cond, update)
         if "student" not in self.optimizers_for(step):
             return out
         sig_i, x_i = ro.sigmas[idx], ro.X[idx, ar]
         x0_hat = to_x0(x_i, sig_i, self.v("student", x_i, sig_i, cond))
-        l_ca, n_ca = self.ca_loss(x0_hat, sig_i, cond)
-        l_dm, n_dm = self.dm_loss(x0_hat, sig_i, cond, c.dm_sigma_method)
+        l_ca, n_ca = matching.ca_loss(self, x0_hat, sig_i, cond)
+        l_dm, n_dm = matching.dm_loss(self, x0_hat, sig_i, cond, c.dm_sigma_method)
         total = c.ca_weight * l_ca + c.dm_weight * l_dm
         update("student", total)
         out.losses.update(ca=l_ca.detach(), dm=l_dm.detach(), student=total.detach())

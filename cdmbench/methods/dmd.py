@@ -75,11 +75,11 @@ class DMD(Method):
         "longcat": {"train.steps": 2000},
     }
 
-    def __init__(self, backbone, config: DMDConfig, *, training: bool = True, data_source=None):
-        super().__init__(backbone, config, training=training, data_source=data_source)
+    def __init__(self, backbone, config: DMDConfig, **run):
+        super().__init__(backbone, config, **run)  # training, data_source, prompt_source (see Method)
         self.pairs = None  # a cdmbench.pairs.PairSet, set by ``prepare``
         self._lpips = None
-        if training:
+        if self.training:
             self.nets["fake_score"] = backbone.trainable_copy()
             if config.regression_distance is Distance.LPIPS:
                 self._lpips = _load_lpips(backbone.device)
@@ -120,8 +120,7 @@ class DMD(Method):
         s_t = sample_sigmas(B, SigmaMethod.UNIFORM, sigma_min=c.sigma_min, sigma_max=c.sigma_max, device=dev)
         x_t = renoise(x.detach(), s_t, torch.randn_like(x))
         with torch.no_grad():
-            v_u, v_c = self.v(self.teacher, torch.cat([x_t, x_t]), torch.cat([s_t, s_t]),
-                              self.backbone.uncond(B).cat(cond)).chunk(2)
+            v_u, v_c = self.teacher_cfg(x_t, s_t, cond)
             x0_real = to_x0(x_t, s_t, v_u + c.real_guidance * (v_c - v_u))
             x0_fake = to_x0(x_t, s_t, self.v("fake_score", x_t, s_t, cond))
         l_dm, n = dmd_loss(x, x0_real, x0_fake)
