@@ -63,11 +63,14 @@ class RunConfig:
 
 def resolve_config(method: str, arch: str, overrides: dict[str, str] | None = None,
                    backbone_options: BackboneOptions | None = None) -> RunConfig:
-    """Method defaults × the backbone's training defaults × the method's preset for ``arch`` × user overrides.
+    """Method defaults × the backbone's training defaults × the method's preset for ``arch`` × the launch's mixed
+    precision × user overrides.
 
     The backbone says what is a fact of the backbone (precision, gradient checkpointing, batch: its
     ``training_defaults``); the method's preset says what is specific to the method on that backbone
-    (learning rates, guidance, budget). Keys: ``train.<field>`` (TrainConfig), ``backbone.<field>``
+    (learning rates, guidance, budget). Both are defaults: ``accelerate launch --mixed_precision`` (or the
+    accelerate config, ``cdmbench.accel.launch_mixed_precision``) overrides their precision, and an explicit
+    ``train.mixed_precision`` override wins over the launch. Keys: ``train.<field>`` (TrainConfig), ``backbone.<field>``
     (BackboneOptions), anything else a field of the method's config.
     """
     from cdmbench.backbones import BACKBONES
@@ -75,7 +78,11 @@ def resolve_config(method: str, arch: str, overrides: dict[str, str] | None = No
 
     m = METHODS.get(method)
     backbone_cls = BACKBONES.get(arch)  # fails early on an unknown arch
-    merged = {**backbone_cls.training_defaults, **m.presets.get(arch, {}), **(overrides or {})}
+    from cdmbench.accel import launch_mixed_precision
+
+    launch = launch_mixed_precision()
+    merged = {**backbone_cls.training_defaults, **m.presets.get(arch, {}),
+              **({"train.mixed_precision": launch} if launch else {}), **(overrides or {})}
     groups: dict[str, dict] = {"train": {}, "backbone": {}, "method": {}}
     for k, v in merged.items():
         head, _, rest = k.partition(".")
