@@ -11,7 +11,7 @@ that knows the layout (what may start or resume in a folder is ``cdmbench.resume
     RUN/pairs/                          teacher ODE pair sets some methods make once per run (``cdmbench.pairs``)
     RUN/metrics.csv                     the health log (step, key, value)
     RUN/compute.json                    compute totals (passes, TFLOPs, minutes) at the latest checkpoint
-    RUN/tensorboard/                    the same scalars for TensorBoard (when it is installed)
+    RUN/tensorboard/cdmbench/           accelerate trackers: the same scalars, sample grids, the config as hparams
     RUN/done.json                       the finished marker: steps, final checkpoint, train minutes
 
 Compute totals: every checkpoint's ``meta.json`` holds the training minutes (and compute) so far, which
