@@ -34,6 +34,12 @@ def _registry_enum(kind: str) -> type[enum.Enum]:
     return enum.Enum(f"{kind.title()}Name", {n: n for n in reg.names()}, type=str)
 
 
+def Flag(default: bool, *decls: str, help: str):  # noqa: A002 (typer's keyword)
+    """A boolean option shown as a plain flag (or a --x/--no-x pair) in --help, without a ``<bool>`` metavar."""
+    return typer.Option(default, *decls, help=help, metavar="")
+
+
+_SCORERS = "Scorer weights and references"
 MethodName = _registry_enum("method")
 ArchName = _registry_enum("backbone")
 
@@ -119,24 +125,36 @@ def train(
     budget_tflops: Optional[float] = typer.Option(None, "--budget-tflops", help="Stop once the counted training compute reaches this many TFLOPs (train.budget_tflops)."),
     run_name: Optional[str] = typer.Option(None, "--run-name", help="Run folder name (default METHOD-ARCH)."),
     workspace: Path = typer.Option(Path("workspace"), "--workspace", help="Holds runs/ and eval/."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the run's newest intact checkpoint."),
-    force: bool = typer.Option(False, "--force", help="With --resume: accept changed step budget, logging/checkpoint cadence or device."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and exit."),
+    resume: bool = Flag(False, "--resume", help="Continue from the run's newest intact checkpoint."),
+    force: bool = Flag(False, "--force", help="With --resume: accept changed step budget, logging/checkpoint cadence or device."),
+    dry_run: bool = Flag(False, "--dry-run", help="Print the resolved config and exit."),
     model: Optional[str] = typer.Option(None, "--model", help="Hub id or local folder of the backbone weights."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda (accelerate launch sets it per process)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N … (default: accelerate's device: the GPU when there is one, each process's own under accelerate launch)."),
+    cpu: bool = Flag(False, "--cpu", help="Run on the CPU even where an accelerator is present."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16 for frozen parts."),
     lora_rank: int = typer.Option(0, "--lora-rank", help="0: full fine-tuning; >0: LoRA rank (peft)."),
-    allow_remote_code: bool = typer.Option(False, "--allow-remote-code", help="Allow code from model repos."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    allow_remote_code: bool = Flag(False, "--allow-remote-code", help="Allow code from model repos."),
+    log_with: str = typer.Option("tensorboard", "--log-with", help="Trackers besides the CSV health log, comma-separated: tensorboard, wandb, or none."),
+    sample_images: int = typer.Option(4, "--sample-images", help="Prompts in the student sample grid logged at each checkpoint (0: none)."),
+    quiet: bool = Flag(False, "--quiet", help="No progress bar."),
 ):
-    """Distil a student with METHOD on a backbone; checkpoints land in WORKSPACE/runs/RUN."""
+    """Distil a student with METHOD on a backbone; checkpoints land in WORKSPACE/runs/RUN.
+
+    Device and precision follow accelerate: `accelerate launch --mixed_precision bf16 -m cdmbench.cli train …` trains
+    in bf16 on each process's GPU; the backbone's precision (e.g. sd3: bf16) is the default otherwise.
+    """
+    from cdmbench.accel import select_device
     from cdmbench.config import parse_overrides
-    from cdmbench.paths import check_device, check_name, check_writable_dir
+    from cdmbench.paths import check_name, check_writable_dir
     from cdmbench.run import resolve_config
-    from cdmbench.train import train as run_train
+    from cdmbench.train import check_trackers, train as run_train
 
     name = check_name(run_name, "--run-name") if run_name is not None else f"{method.value}-{arch.value}"
-    check_device(device)
+    device = select_device(device, cpu=cpu)
+    trackers = check_trackers(_trackers(log_with))
+    from cdmbench.paths import check_count
+
+    check_count(sample_images, "--sample-images", minimum=0, maximum=64)
     if force and not resume:
         raise CdmbenchError("--force only applies with --resume")
     overrides = parse_overrides(set_)
@@ -155,7 +173,8 @@ def train(
         return
     check_writable_dir(workspace, "--workspace")
     check_writable_dir(workspace / "runs", "--workspace")
-    final = run_train(cfg, workspace / "runs" / name, resume=resume, force=force, progress=not quiet)
+    final = run_train(cfg, workspace / "runs" / name, resume=resume, force=force, progress=not quiet,
+                      log_with=trackers, sample_images=sample_images)
     typer.echo(f"trained {method.value} on {arch.value}: {final}")
 
 
@@ -169,19 +188,38 @@ def eval_(
     num_prompts: Optional[int] = typer.Option(None, "--num-prompts", help="Use the first N prompts."),
     seeds: str = typer.Option("0", "--seeds", help="Seeds per prompt, e.g. 0-3."),
     batch_size: int = typer.Option(16, "--batch-size", help="Generation batch size (does not change images)."),
-    workspace: Path = typer.Option(Path("workspace"), "--workspace"),
+    workspace: Path = typer.Option(Path("workspace"), "--workspace", help="Holds runs/ (the trained runs) and, by default, eval/."),
     out: Optional[Path] = typer.Option(None, "--out", help="Eval folder (default WORKSPACE/eval)."),
-    teacher: bool = typer.Option(True, "--teacher/--no-teacher", help="Add teacher reference rows."),
+    teacher: bool = Flag(True, "--teacher/--no-teacher", help="Add teacher reference rows."),
     teacher_steps: Optional[str] = typer.Option(None, "--teacher-steps", help="Teacher step counts (default: --steps plus the backbone's own)."),
     arch: Optional[ArchName] = typer.Option(None, "--arch", help="Backbone for teacher/external rows when no run names it."),
-    external: List[str] = typer.Option([], "--external", help="NAME=PATH_OR_ID of an already-distilled pipeline."),
-    device: str = typer.Option("cpu", "--device"),
+    external: List[str] = typer.Option([], "--external", metavar="NAME=PATH_OR_ID", help="An already-distilled pipeline to evaluate beside the runs (repeatable)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N … for generation and scoring (default: accelerate's device: the GPU when there is one, each process's own under accelerate launch)."),
+    cpu: bool = Flag(False, "--cpu", help="Run on the CPU even where an accelerator is present."),
     checkpoints: str = typer.Option("latest", "--checkpoints", help="latest | all (every kept checkpoint: a learning curve)."),
-    allow_download: bool = typer.Option(False, "--allow-download", help="Let scorers download missing weights (default: local files only)."),
-    quiet: bool = typer.Option(False, "--quiet"),
+    allow_download: bool = Flag(False, "--allow-download", help="Let scorers download missing weights (default: local files only)."),
+    quiet: bool = Flag(False, "--quiet", help="No progress bars or notes."),
+    fid_reference: Optional[str] = typer.Option(None, "--fid-reference", rich_help_panel=_SCORERS, help="FID reference: a folder of images or an .npz with mu/sigma (default $CDMBENCH_FID_REF; a backbone's declared stats win)."),
+    inception_weights: Optional[str] = typer.Option(None, "--inception-weights", rich_help_panel=_SCORERS, help="clean-fid's inception-2015-12-05.pt, file or folder (default $CDMBENCH_INCEPTION_PATH)."),
+    clip_model: Optional[str] = typer.Option(None, "--clip-model", rich_help_panel=_SCORERS, help="open_clip architecture of the CLIP score (default $CDMBENCH_CLIP_MODEL, else ViT-L-14)."),
+    clip_weights: Optional[str] = typer.Option(None, "--clip-weights", rich_help_panel=_SCORERS, help="open_clip pretrained tag or local checkpoint (default $CDMBENCH_CLIP_PRETRAINED, else openai)."),
+    clip_prefix: str = typer.Option("", "--clip-prefix", rich_help_panel=_SCORERS, help="Text put before every prompt for the CLIP score (e.g. 'A photo depicts ')."),
+    hps_weights: Optional[str] = typer.Option(None, "--hps-weights", rich_help_panel=_SCORERS, help="HPS v2.1 checkpoint HPS_v2.1_compressed.pt (default $CDMBENCH_HPS_PATH)."),
+    hps_model: str = typer.Option("ViT-H-14", "--hps-model", rich_help_panel=_SCORERS, help="open_clip architecture the HPS checkpoint was trained from."),
+    imagereward_weights: Optional[str] = typer.Option(None, "--imagereward-weights", rich_help_panel=_SCORERS, help="ImageReward.pt (default $CDMBENCH_IMAGEREWARD_PATH)."),
+    imagereward_config: Optional[str] = typer.Option(None, "--imagereward-config", rich_help_panel=_SCORERS, help="ImageReward's med_config.json (default $CDMBENCH_IMAGEREWARD_MED_CONFIG)."),
+    bert_tokenizer: Optional[str] = typer.Option(None, "--bert-tokenizer", rich_help_panel=_SCORERS, help="bert-base-uncased folder or vocab.txt for ImageReward (default $CDMBENCH_BERT_TOKENIZER_PATH)."),
+    pickscore_model: Optional[str] = typer.Option(None, "--pickscore-model", rich_help_panel=_SCORERS, help="PickScore model, hub id or folder (default $CDMBENCH_PICKSCORE_MODEL)."),
+    pickscore_processor: Optional[str] = typer.Option(None, "--pickscore-processor", rich_help_panel=_SCORERS, help="PickScore processor, hub id or folder (default $CDMBENCH_PICKSCORE_PROCESSOR)."),
+    aesthetic_weights: Optional[str] = typer.Option(None, "--aesthetic-weights", rich_help_panel=_SCORERS, help="LAION aesthetic predictor aesthetic-model.pth (default $CDMBENCH_AESTHETIC_PATH)."),
+    aesthetic_clip: Optional[str] = typer.Option(None, "--aesthetic-clip", rich_help_panel=_SCORERS, help="CLIP ViT-L/14 of the aesthetic predictor, folder or hub id (default $CDMBENCH_AESTHETIC_CLIP)."),
+    lpips_net: str = typer.Option("alex", "--lpips-net", rich_help_panel=_SCORERS, help="LPIPS trunk: alex | squeeze | vgg."),
+    lpips_weights: Optional[str] = typer.Option(None, "--lpips-weights", rich_help_panel=_SCORERS, help="torchvision weights of the LPIPS trunk, file or folder (default $CDMBENCH_LPIPS_TRUNK_PATH)."),
 ):
     """Generate (cached, resumable) and score every run × step count; rows go to results.csv."""
+    from cdmbench.accel import select_device
     from cdmbench.eval.harness import EvalConfig, run_eval
+    from cdmbench.eval.metrics.base import MetricOptions
     from cdmbench.paths import (MAX_BATCH, MAX_PROMPTS, MAX_SEEDS, MAX_STEPS, check_count, check_device,
                                 check_name, check_readable_dir, check_writable_dir)
     from cdmbench.seeding import parse_int_list
@@ -196,7 +234,17 @@ def eval_(
         check_name(e.partition("=")[0].strip(), "--external NAME")
     check_count(num_prompts, "--num-prompts", maximum=MAX_PROMPTS)
     check_count(batch_size, "--batch-size", maximum=MAX_BATCH)
-    check_device(device)
+    if device is not None:
+        check_device(device)
+    if cpu:
+        device = select_device(device, cpu=True)  # otherwise resolved by run_eval, per process under a launch
+    scorers = MetricOptions(
+        fid_reference=fid_reference, inception_path=inception_weights, clip_model=clip_model,
+        clip_pretrained=clip_weights, clip_prefix=clip_prefix, hps_path=hps_weights, hps_model=hps_model,
+        imagereward_path=imagereward_weights, imagereward_med_config=imagereward_config,
+        bert_tokenizer_path=bert_tokenizer, pickscore_model=pickscore_model, pickscore_processor=pickscore_processor,
+        aesthetic_path=aesthetic_weights, aesthetic_clip=aesthetic_clip, lpips_net=lpips_net,
+        lpips_trunk_path=lpips_weights)
     check_readable_dir(workspace, "--workspace")
     check_writable_dir(out if out else workspace / "eval", "--out" if out else "--workspace")
     cfg = EvalConfig(
@@ -207,7 +255,7 @@ def eval_(
         batch_size=batch_size, out=str(out) if out else None, teacher=teacher,
         teacher_steps=tuple(_step_list(teacher_steps, "teacher-steps")) if teacher_steps else None,
         arch=arch.value if arch else None, external=tuple(external), device=device, progress=not quiet,
-        checkpoints=checkpoints,
+        checkpoints=checkpoints, metric_options=scorers,
     )
     if allow_download:
         import os
@@ -217,6 +265,17 @@ def eval_(
         os.environ[DOWNLOAD_ENV] = "1"  # read by the scorers' loaders (cdmbench.eval.metrics.base)
     path = run_eval(cfg)
     typer.echo(f"results: {path}")
+
+
+def _trackers(text: str) -> tuple[str, ...]:
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    if not names:
+        raise CdmbenchError("--log-with: empty; pass tensorboard, wandb or none")
+    if "none" in names:
+        if len(names) > 1:
+            raise CdmbenchError(f"--log-with: 'none' cannot be combined with {', '.join(n for n in names if n != 'none')}")
+        return ()
+    return names
 
 
 def _step_list(text: str, name: str) -> list[int]:
@@ -232,10 +291,10 @@ def _step_list(text: str, name: str) -> list[int]:
 @app.command()
 @friendly
 def report(
-    workspace: Path = typer.Option(Path("workspace"), "--workspace"),
+    workspace: Path = typer.Option(Path("workspace"), "--workspace", help="Holds eval/results.csv (the default --results)."),
     results: Optional[Path] = typer.Option(None, "--results", help="Results file (default WORKSPACE/eval/results.csv)."),
     out: Path = typer.Option(Path("reports"), "--out", help="Report folder."),
-    title: str = typer.Option("cdmbench report", "--title"),
+    title: str = typer.Option("cdmbench report", "--title", help="Title of the report's markdown page."),
 ):
     """Write markdown tables, plots, an image grid and CSV pivots from the results."""
     from cdmbench.reports import build_report
@@ -255,7 +314,7 @@ def report(
 def export(
     run: str = typer.Argument(..., help="Run name in WORKSPACE/runs (or a run folder)."),
     out: Path = typer.Option(..., "--out", help="Output diffusers pipeline folder."),
-    workspace: Path = typer.Option(Path("workspace"), "--workspace"),
+    workspace: Path = typer.Option(Path("workspace"), "--workspace", help="Holds runs/ (where RUN is looked up)."),
     weights: str = typer.Option("ema", "--weights", help="ema | raw student weights."),
     lora: str = typer.Option("merge", "--lora", help="merge | lora (keep a LoRA file) for LoRA runs."),
     push_to_hub: Optional[str] = typer.Option(

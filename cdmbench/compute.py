@@ -203,6 +203,16 @@ class ComputeMeter:
         self.iterations += 1
 
     @contextmanager
+    def uncounted(self) -> Iterator[None]:
+        """Passes in the block are not training compute (e.g. the sample grids logged at checkpoints)."""
+        held = {r: dict(c) for r, c in self.counts.items()}
+        try:
+            yield
+        finally:
+            for r, c in held.items():
+                self.counts[r].update(c)
+
+    @contextmanager
     def backward(self) -> Iterator[None]:
         """Wrap one backward call of the loop (during a measured iteration its FLOPs are attributed)."""
         if self._mode is None:

@@ -30,7 +30,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # how many recent checkpoints to keep on disk
     log_every: int = 10  # iterations between health-log rows
     mixed_precision: str = "no"  # no | bf16 | fp16 (accelerate autocast); losses stay fp32
-    prompts: str | None = None  # training prompt file (one per line); None = the backbone's own source
+    prompts: str | None = None  # training prompt file (txt/jsonl/json/csv/tsv, read like eval's); None = the backbone's own
     # real image-caption data (cdmbench.data): an image folder with metadata.jsonl/.csv/.parquet, a folder written
     # by datasets' save_to_disk, or webdataset .tar shards; None = the backbone's own source (the toy's shapes)
     data: str | None = None

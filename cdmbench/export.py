@@ -88,7 +88,7 @@ def export_student(backbone, student_state: dict[str, torch.Tensor], out_dir: st
 
     net = backbone.load_net(student_state)  # strict: a key mismatch is an error
     if is_lora:
-        _check_lora_changes_something(net)
+        _check_lora_changes_something(net, meta)
         if lora_mode == "merge":
             net.fuse_lora()
             net.unload_lora()
@@ -96,7 +96,7 @@ def export_student(backbone, student_state: dict[str, torch.Tensor], out_dir: st
         net = net.to(backbone.options.torch_dtype)  # ship in the teacher's dtype (fp32 masters → e.g. bf16)
     net.eval()
     if not is_lora or lora_mode == "merge":
-        _check_full_differs(net, backbone.teacher)
+        _check_full_differs(net, backbone.teacher, meta)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
@@ -287,19 +287,30 @@ def _lora_pairs(net):
                 yield name, module.lora_A[adapter].weight, module.lora_B[adapter].weight
 
 
-def _check_lora_changes_something(net) -> None:
+def _unchanged_why(meta: dict) -> str:
+    """Why a run's student may still equal its teacher, and what to do (for the refusal message)."""
+    step, warmup = meta.get("step"), (meta.get("method_config") or {}).get("warmup")
+    at = f"checkpoint {meta.get('checkpoint', '?')} after {step} training iterations"
+    if isinstance(warmup, int) and isinstance(step, int) and warmup > 0 and step <= 2 * warmup:
+        return (f"{at}, with the learning rate still warming up ({meta.get('method')}'s warmup={warmup}: it ramps "
+                f"from 0 over the first {warmup} updates of each network, so a short run leaves the student "
+                f"unchanged); train longer (--steps-budget, e.g. > {2 * warmup}) or with --set warmup=0 before exporting")
+    return f"{at}; is this the run you meant, and did it train (see its metrics.csv)?"
+
+
+def _check_lora_changes_something(net, meta: dict) -> None:
     if not any((b.float() @ a.float()).abs().max() > 0 for _, a, b in _lora_pairs(net)):
-        raise CdmbenchError("the LoRA student equals the base transformer (every B·A is zero): "
-                            "wrong or untrained checkpoint?")
+        raise CdmbenchError(f"not exporting: the LoRA student equals the base transformer (every B·A is zero): "
+                            f"{_unchanged_why(meta)}")
 
 
-def _check_full_differs(net, base) -> None:
+def _check_full_differs(net, base, meta: dict) -> None:
     ours, theirs = net.state_dict(), base.state_dict()
     if set(ours) != set(theirs):
         raise CdmbenchError(f"the student transformer's keys differ from the base's "
                             f"(e.g. {sorted(set(ours) ^ set(theirs))[:3]})")
     if all(torch.equal(ours[k], theirs[k].to(ours[k])) for k in ours):
-        raise CdmbenchError("the student weights equal the base transformer's: wrong or untrained checkpoint?")
+        raise CdmbenchError(f"not exporting: the student weights equal the base transformer's (the teacher): {_unchanged_why(meta)}")
 
 
 def _verify_saved_transformer(net, folder: Path) -> None:

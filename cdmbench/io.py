@@ -54,15 +54,34 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 @contextmanager
 def locked(path: str | os.PathLike) -> Iterator[None]:
-    """Hold an exclusive advisory lock on ``path`` + ``.lock`` (created beside it) for the block."""
+    """Hold an exclusive advisory lock on ``path`` + ``.lock`` (created beside it) for the block; the lock file is
+    removed when the block ends, so none is left behind.
+
+    Removal is safe with several processes: the holder unlinks the file before unlocking, and a process that
+    then gets the lock of an unlinked file sees that its file is no longer the one at the path and locks again.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as f:
+    lock = path.with_name(path.name + ".lock")
+    while True:
+        f = open(lock, "a")
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            same = os.path.samestat(os.fstat(f.fileno()), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        f.close()  # the holder before us removed this file: lock the current one
+    try:
+        yield
+    finally:
+        try:
+            lock.unlink()
+        except FileNotFoundError:
+            pass
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

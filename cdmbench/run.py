@@ -11,7 +11,7 @@ that knows the layout (what may start or resume in a folder is ``cdmbench.resume
     RUN/pairs/                          teacher ODE pair sets some methods make once per run (``cdmbench.pairs``)
     RUN/metrics.csv                     the health log (step, key, value)
     RUN/compute.json                    compute totals (passes, TFLOPs, minutes) at the latest checkpoint
-    RUN/tensorboard/                    the same scalars for TensorBoard (when it is installed)
+    RUN/tensorboard/cdmbench/           accelerate trackers: the same scalars, sample grids, the config as hparams
     RUN/done.json                       the finished marker: steps, final checkpoint, train minutes
 
 Compute totals: every checkpoint's ``meta.json`` holds the training minutes (and compute) so far, which
@@ -63,11 +63,14 @@ class RunConfig:
 
 def resolve_config(method: str, arch: str, overrides: dict[str, str] | None = None,
                    backbone_options: BackboneOptions | None = None) -> RunConfig:
-    """Method defaults × the backbone's training defaults × the method's preset for ``arch`` × user overrides.
+    """Method defaults × the backbone's training defaults × the method's preset for ``arch`` × the launch's mixed
+    precision × user overrides.
 
     The backbone says what is a fact of the backbone (precision, gradient checkpointing, batch: its
     ``training_defaults``); the method's preset says what is specific to the method on that backbone
-    (learning rates, guidance, budget). Keys: ``train.<field>`` (TrainConfig), ``backbone.<field>``
+    (learning rates, guidance, budget). Both are defaults: ``accelerate launch --mixed_precision`` (or the
+    accelerate config, ``cdmbench.accel.launch_mixed_precision``) overrides their precision, and an explicit
+    ``train.mixed_precision`` override wins over the launch. Keys: ``train.<field>`` (TrainConfig), ``backbone.<field>``
     (BackboneOptions), anything else a field of the method's config.
     """
     from cdmbench.backbones import BACKBONES
@@ -75,7 +78,11 @@ def resolve_config(method: str, arch: str, overrides: dict[str, str] | None = No
 
     m = METHODS.get(method)
     backbone_cls = BACKBONES.get(arch)  # fails early on an unknown arch
-    merged = {**backbone_cls.training_defaults, **m.presets.get(arch, {}), **(overrides or {})}
+    from cdmbench.accel import launch_mixed_precision
+
+    launch = launch_mixed_precision()
+    merged = {**backbone_cls.training_defaults, **m.presets.get(arch, {}),
+              **({"train.mixed_precision": launch} if launch else {}), **(overrides or {})}
     groups: dict[str, dict] = {"train": {}, "backbone": {}, "method": {}}
     for k, v in merged.items():
         head, _, rest = k.partition(".")

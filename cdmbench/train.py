@@ -42,22 +42,39 @@ COMPUTE_FILE = RunDir.COMPUTE  # the run's compute totals at its latest checkpoi
 # Prompts
 
 
+def read_train_prompts(path: str | None, backbone_cls, num_processes: int = 1) -> list[str] | None:
+    """The training prompts of ``train.prompts`` (read by ``cdmbench.prompts``, the eval reader: txt / jsonl / json /
+    csv / tsv, a header row is never a prompt), or None for the backbone's own source; checked before anything is
+    built or written.
+
+    Raises:
+        CdmbenchError: no prompt file for a backbone without prompts of its own, a missing, empty or malformed
+            file, or fewer prompts than processes.
+    """
+    from cdmbench.backbones.base import PROMPTS_HINT
+    from cdmbench.prompts import read_prompt_file
+
+    if not path:
+        if not backbone_cls.has_train_prompts:
+            raise CdmbenchError(f"backbone {backbone_cls.name!r} has no training prompts of its own: {PROMPTS_HINT}")
+        return None
+    if not Path(path).is_file():
+        raise CdmbenchError(f"train.prompts: no such file {path!r}")
+    try:
+        lines = [p.text for p in read_prompt_file(path)]
+    except CdmbenchError as e:
+        raise CdmbenchError(f"train.prompts: {e}") from None
+    if len(lines) < num_processes:
+        raise CdmbenchError(f"train.prompts: {path!r} has {len(lines)} prompts; need at least one per process")
+    return lines
+
+
 class PromptSource:
     """Per-iteration, per-process training prompts, a pure function of (seed, step, process)."""
 
-    def __init__(self, backbone, path: str | None, seed: int, process_index: int, num_processes: int):
+    def __init__(self, backbone, lines: list[str] | None, seed: int, process_index: int, num_processes: int):
         self.backbone, self.seed, self.rank, self.world = backbone, seed, process_index, num_processes
-        self.lines: list[str] | None = None
-        if path:
-            p = Path(path)
-            if not p.is_file():
-                raise CdmbenchError(f"train.prompts: no such file {path!r}")
-            try:
-                self.lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
-            except UnicodeDecodeError as e:
-                raise CdmbenchError(f"train.prompts: {path!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-            if len(self.lines) < num_processes:
-                raise CdmbenchError(f"train.prompts: {path!r} has {len(self.lines)} prompts; need at least one per process")
+        self.lines = lines  # ``read_train_prompts``; None: the backbone's own source
 
     def sample(self, n: int, generator: torch.Generator) -> list[str]:
         """``n`` prompts drawn with ``generator`` from the whole source (same on every process)."""
@@ -181,13 +198,54 @@ class StudentEMA:
             _copy_(self.values, self.params)
 
 
-class HealthLog:
-    """Tidy CSV (step, key, value) plus TensorBoard scalars when available."""
+TRACKERS = ("tensorboard", "wandb")  # accelerate trackers ``train(log_with=...)`` accepts
+SAMPLE_STEPS = (1, 2, 4)  # step counts of the sample grids logged at checkpoints (those the method supports)
 
-    def __init__(self, run_dir: Path, enabled: bool, resume_step: int):
+
+def check_trackers(log_with: tuple[str, ...]) -> tuple[str, ...]:
+    """``log_with`` if every name is a tracker cdmbench logs to and its package is installed; one line otherwise."""
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
+    for name in log_with:
+        if name not in available:
+            raise CdmbenchError(f"--log-with: unknown tracker {name!r}; valid: {', '.join(TRACKERS)}, none")
+        if not available[name]():
+            raise CdmbenchError(f"--log-with {name}: the {name} package is not installed (pip install {name}), "
+                                f"or choose another tracker ({', '.join(TRACKERS)}, none)")
+    return tuple(dict.fromkeys(log_with))
+
+
+def hparams(config: dict) -> dict[str, bool | int | float | str]:
+    """A run config as flat tracker hyperparameters: ``method.<f>``, ``train.<f>``, ``backbone.<f>``, the rest by
+    name; values a tracker cannot store (None, lists) as text."""
+    out: dict[str, bool | int | float | str] = {}
+    for key, value in config.items():
+        group = "method" if key == "method_config" else key
+        items = value.items() if isinstance(value, dict) else [(None, value)]
+        for k, v in items:
+            name = f"{group}.{k}" if k is not None else group
+            out[name] = v if isinstance(v, (bool, int, float, str)) else json_text(v)
+    return out
+
+
+def json_text(v) -> str:
+    import json
+
+    return json.dumps(v, default=str)
+
+
+class HealthLog:
+    """The tidy CSV health log (step, key, value), the record, plus the same scalars, the sample grids and the
+    resolved config (as hyperparameters) through accelerate's trackers (``Accelerator(log_with=...)``:
+    TensorBoard under ``RUN/tensorboard/``, wandb). Only the main process writes."""
+
+    PROJECT = "cdmbench"  # the trackers' project (TensorBoard: RUN/tensorboard/cdmbench/; wandb: the project)
+
+    def __init__(self, run_dir: Path, accelerator, enabled: bool, resume_step: int, config: dict | None = None):
         self.path = run_dir / "metrics.csv"
         self.enabled = enabled
-        self.tb = None
+        self.accelerator = accelerator
         if not enabled:
             return
         if resume_step and self.path.exists():  # drop rows the resumed run will write again
@@ -200,26 +258,60 @@ class HealthLog:
         self.writer = csv.writer(self.file)
         if new:
             self.writer.writerow(["step", "key", "value"])
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-        except Exception:  # tensorboard is optional; the CSV is the record
-            self.tb = None
+        if accelerator.log_with:
+            accelerator.init_trackers(self.PROJECT, config=hparams(config or {}),
+                                      init_kwargs={"wandb": {"name": run_dir.name, "dir": str(run_dir)}})
 
     def write(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
         for k, v in values.items():
             self.writer.writerow([step, k, f"{v:.6g}"])
-            if self.tb is not None:
-                self.tb.add_scalar(k, v, step)
+        self.accelerator.log({k: float(v) for k, v in values.items()}, step=step)
+
+    def images(self, step: int, images: dict[str, torch.Tensor]) -> None:
+        """Log ``name → (N, 3, H, W)`` images in [0, 1] to every tracker that takes images."""
+        if not self.enabled:
+            return
+        for tracker in self.accelerator.trackers:
+            if hasattr(tracker, "log_images"):
+                tracker.log_images(images, step=step)
 
     def close(self):
         if self.enabled:
             self.file.close()
-            if self.tb is not None:
-                self.tb.close()
+            self.accelerator.end_training()
+
+
+class SampleGrid:
+    """The student's samples for a few fixed prompts and noises at each of its step counts: one image, a row per
+    step count (``SAMPLE_STEPS`` the method supports), a column per prompt; logged at every checkpoint.
+
+    The draw uses its own generators and forks the global RNG, and its passes are not training compute, so a run
+    with grids trains exactly as one without."""
+
+    def __init__(self, method, backbone, prompts: list[str], seed: int):
+        supported = method.supported_steps
+        self.steps = tuple(n for n in SAMPLE_STEPS if supported is None or n in supported) or tuple(supported[:3])
+        self.method, self.backbone, self.prompts, self.seed = method, backbone, prompts, seed
+
+    @torch.no_grad()
+    def __call__(self) -> torch.Tensor:
+        """(1, 3, H, W) in [0, 1]."""
+        from torchvision.utils import make_grid
+
+        from cdmbench.seeding import StackedGenerator
+
+        bb, n = self.backbone, len(self.prompts)
+        devices = [bb.device] if bb.device.type != "cpu" else []
+        with torch.random.fork_rng(devices=devices, device_type=bb.device.type if devices else None):
+            cond = bb.encode_prompts(self.prompts)
+            rows = []
+            for steps in self.steps:
+                rng = StackedGenerator([_mix(self.seed, i) for i in range(n)])
+                noise = rng.randn(tuple(bb.latent_shape), device=bb.device)
+                rows.append(bb.decode(self.method.sample(noise, cond, steps, rng=rng)).float().clamp(0, 1).cpu())
+        return make_grid(torch.cat(rows), nrow=n, padding=2, pad_value=1.0)[None]
 
 
 class Players:
@@ -339,8 +431,10 @@ class _Run:
     data: object
     method: object
     players: Players
+    log_with: tuple[str, ...] = ()
     meter: ComputeMeter | None = None
     log: HealthLog | None = None
+    grid: SampleGrid | None = None
     start: int = 0
     prev_minutes: float = 0.0
     t_start: float = 0.0
@@ -354,12 +448,16 @@ class _Run:
 
 
 def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, force: bool = False, progress: bool = True,
-          stop_after: int | None = None) -> Path:
+          stop_after: int | None = None, log_with: tuple[str, ...] = ("tensorboard",), sample_images: int = 4) -> Path:
     """Train ``cfg`` into ``run_dir``; returns the final checkpoint folder.
 
     ``resume`` continues from the newest intact checkpoint in ``run_dir`` (``cdmbench.resume``: the saved
-    config must match; ``force`` accepts the safe differences). Nothing is written before the backbone, the
-    prompt source, the method and its optimisers are built. ``stop_after`` ends the process after that many
+    config must match; ``force`` accepts the safe differences). Nothing is written before every check that can
+    fail has run: the device and precision, the prompt source (before the backbone is even built), the backbone's
+    weights, the data source, the method and its optimisers. ``cfg.backbone.device`` None is accelerate's device
+    (``cdmbench.accel``); ``config.json`` records the device and mixed precision that ran. ``log_with``: the
+    accelerate trackers besides the CSV health log (``TRACKERS``; () for none); ``sample_images``: prompts in the
+    sample grid logged at each checkpoint (0: none). ``stop_after`` ends the process after that many
     iterations *without* a final checkpoint (a simulated kill, for tests).
     """
     # rich.progress is imported before seeding: its first import draws from Python's global RNG
@@ -369,22 +467,26 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, force: b
     from cdmbench.pairs import Processes
 
     # 1. set-up: everything that can fail, before any file is written
-    run_dir, tc = Path(run_dir), cfg.train
-    plan, r = _setup(cfg, run_dir, resume, force)
+    run_dir = Path(run_dir)
+    plan, r = _setup(cfg, run_dir, resume, force, check_trackers(tuple(log_with)), sample_images)
+    cfg, tc, a = r.cfg, r.cfg.train, r.accelerator  # as it runs: the device and precision accelerate settled on
     # 2. restore: the newest checkpoint that verifies and loads, said so when it is not the latest
     loaded = _find_checkpoint(run_dir, r) if plan.resume else None
     if r.main:  # training can start: only now is anything written
         begin(run_dir, plan)
-        RunDir(run_dir).write_config(cfg, world_size=r.accelerator.num_processes,
-                                     as_run=run_record(cfg, r.accelerator.num_processes, r.players.specs, r.data))
+        RunDir(run_dir).write_config(cfg, world_size=a.num_processes, as_run={
+            **run_record(cfg, a.num_processes, r.players.specs, r.data), "device": str(a.device),
+            "trackers": list(r.log_with), "distributed_type": a.distributed_type.value})
     compute_state = _restore(r, *loaded) if loaded else None
     # counted by the loop, whatever the method does: passes per network role, FLOPs, wall time
     r.meter = ComputeMeter(run_roles(r.method, r.backbone), r.accelerator.num_processes, compute_state)
     # one-off work (e.g. DMD's teacher pairs, stored in the run folder), on every process, also on resume
-    a = r.accelerator
     r.method.prepare(RunContext(run_dir, Processes(a.process_index, a.num_processes, a.wait_for_everyone),
                                 progress and r.main))
-    r.log = HealthLog(run_dir, r.main, r.start)
+    r.log = HealthLog(run_dir, a, r.main, r.start, cfg.to_dict())
+    if sample_images and r.log_with:
+        r.grid = SampleGrid(r.method, r.backbone, r.prompts.sample(
+            sample_images, torch.Generator().manual_seed(_mix(tc.seed, -1))), tc.seed)
     r.t_start = time.time() - 60 * r.prev_minutes  # training minutes accumulate across resumes
 
     # 3. the loop: iterations, health log, checkpoints, the compute budget
@@ -425,20 +527,40 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, force: b
 # The phases of ``train``
 
 
-def _setup(cfg: RunConfig, run_dir: Path, resume: bool, force: bool):
-    """(start plan, _Run): accelerator, seeds, backbone, prompt and data sources, method, optimisers; writes nothing."""
+def _setup(cfg: RunConfig, run_dir: Path, resume: bool, force: bool, log_with: tuple[str, ...], sample_images: int):
+    """(start plan, _Run): device and precision, accelerator, the prompt source, seeds, backbone, data source,
+    method, optimisers; writes nothing."""
     from accelerate import Accelerator, DistributedType
+    from accelerate.utils import ProjectConfiguration
 
-    from cdmbench.backbones import build_backbone
+    from cdmbench.accel import select_device
+    from cdmbench.backbones import BACKBONES, build_backbone
     from cdmbench.data import build_data_source
     from cdmbench.methods import METHODS
 
-    tc = cfg.train
-    accelerator = Accelerator(cpu=cfg.backbone.device == "cpu", mixed_precision=tc.mixed_precision)
+    if not (isinstance(sample_images, int) and 0 <= sample_images <= 64):
+        raise CdmbenchError(f"sample_images must be an integer in [0, 64], got {sample_images!r}")
+    device = select_device(cfg.backbone.device, what="backbone.device")
+    try:  # the trackers' files appear at init_trackers (HealthLog), once training can start
+        accelerator = Accelerator(cpu=device == "cpu", mixed_precision=cfg.train.mixed_precision,
+                                  log_with=list(log_with) or None,
+                                  project_config=ProjectConfiguration(project_dir=str(run_dir),
+                                                                      logging_dir=str(run_dir / RunDir.TENSORBOARD)))
+    except ValueError as e:  # e.g. an accelerate state initialised with another precision in this process
+        raise CdmbenchError(f"accelerate: {e}") from None
     if cfg.backbone.lora_rank and accelerator.distributed_type == DistributedType.FSDP:
         raise CdmbenchError("LoRA (backbone.lora_rank > 0) does not run under FSDP; "
                             "launch with DDP or train the full network")
+    # what runs: the device and the precision accelerate settled on (config.json records these)
+    ran = accelerator.mixed_precision if accelerator.mixed_precision in ("no", "bf16", "fp16") else cfg.train.mixed_precision
+    if ran != cfg.train.mixed_precision:
+        logger.warning("mixed precision: accelerate runs %s (train.mixed_precision was %s)", ran, cfg.train.mixed_precision)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mixed_precision=ran),
+                              backbone=dataclasses.replace(cfg.backbone, device=device))
+    tc = cfg.train
     plan = check_start(run_dir, cfg.to_dict(), resume=resume, force=force)  # writes nothing
+    # the prompt source before the backbone: a backbone without prompts of its own fails before any weights load
+    prompt_lines = read_train_prompts(tc.prompts, BACKBONES.get(cfg.arch), accelerator.num_processes)
     seed = tc.seed + accelerator.process_index
     torch.manual_seed(seed)
     random.seed(seed)
@@ -446,13 +568,13 @@ def _setup(cfg: RunConfig, run_dir: Path, resume: bool, force: bool):
     options = dataclasses.replace(cfg.backbone, device=str(accelerator.device))
     backbone = build_backbone(cfg.arch, options)  # fails (missing weights, bad options) before any file is written
     index, count = accelerator.process_index, accelerator.num_processes
-    prompts = PromptSource(backbone, tc.prompts, tc.seed, index, count)
+    prompts = PromptSource(backbone, prompt_lines, tc.seed, index, count)
     data = build_data_source(backbone, spec=tc.data, seed=tc.seed, process_index=index, num_processes=count,
                              image_column=tc.data_image_column, caption_column=tc.data_caption_column,
                              cache_dir=tc.data_cache)
     # a method that needs real data on a backbone without any fails here, before any file is written
     method = METHODS.get(cfg.method)(backbone, cfg.method_config, data_source=data, prompt_source=prompts.sample)
-    r = _Run(cfg, run_dir, accelerator, backbone, prompts, data, method, None)
+    r = _Run(cfg, run_dir, accelerator, backbone, prompts, data, method, None, log_with=log_with)
     r.players = Players(method, accelerator, tc, lambda: r.meter)
     return plan, r
 
@@ -538,5 +660,13 @@ def _save(r: _Run, step: int) -> Path | None:
                                 "compute": r.meter.totals(minutes)}, keep=r.cfg.train.keep_checkpoints)
         write_json(r.dir / COMPUTE_FILE, {"step": step, **r.meter.totals(minutes)})
         r.players.last_good = str(path)
+    if r.grid is not None:  # every process samples (a sharded student needs all of them); the main one logs
+        net = r.method.nets["student"]
+        was_training = net.training
+        net.eval()
+        with r.meter.uncounted(), r.players.ema._in_params(), r.accelerator.autocast():
+            images = r.grid()
+        net.train(was_training)
+        r.log.images(step, {"samples/student_ema": images})
     r.accelerator.wait_for_everyone()
     return path

@@ -128,9 +128,13 @@ case("train/prompts-a-folder", *TRAIN, "--set", "train.prompts={ws}", match="no 
 case("train/force-without-resume", *TRAIN, "--force", match="--force")
 case("train/toy-remote-code", *TRAIN, "--allow-remote-code", match="remote code")
 case("train/sd3-missing-model", "train", "cdm", "--arch", "sd3", "--workspace", "{ws}", "--model", "/nonexistent/sd3",
-     match="does not exist")
+     "--set", "train.prompts={ws}/prompts.csv", match="does not exist")
 case("train/sd3-default-weights-offline", "train", "cdm", "--arch", "sd3", "--workspace", "{ws}",
-     match="sd3")
+     "--set", "train.prompts={ws}/prompts.csv", match="sd3")
+case("train/sd3-without-prompts", "train", "cdm", "--arch", "sd3", "--workspace", "{ws}", "--model", "/nonexistent/sd3",
+     match="train.prompts")
+case("train/log-with-unknown", *TRAIN, "--log-with", "nope", match="--log-with")
+case("train/cpu-and-cuda", *TRAIN, "--cpu", "--device", "cuda", match="--device")
 case("train/workspace-is-a-file", *TRAIN[:-1], "{tmp}/afile", setup=None, match="not a folder")
 case("train/runs-is-a-file", *TRAIN, match="not a folder", setup=_file("runs", "x"), trained=False)
 
@@ -304,6 +308,7 @@ def _prepare_prompt_files(ws: Path):
     (ws / "bad.jsonl").write_text('{"caption": "x"}\n{not json\n')
     (ws / "p.xyz").write_text("a prompt\n")
     (ws / "binary.txt").write_bytes(b"\xff\xfe\x00\x81" * 50)
+    (ws / "prompts.csv").write_text("id,prompt\n1,a red circle\n")
 
 
 @pytest.fixture(scope="module")

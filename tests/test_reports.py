@@ -124,7 +124,7 @@ def test_append_is_atomic_and_concatenates(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         append_rows(path, fixed_rows()[:1])
     assert path.read_bytes() == before  # the old file is intact
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.csv", "results.csv.lock"]  # no temp left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.csv"]  # no temp file, no lock file left
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".parquet", ".jsonl"])

@@ -8,6 +8,7 @@ class's call and returns a velocity v̂ with the flow-matching convention of cdm
 from __future__ import annotations
 
 import copy
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -19,6 +20,9 @@ from torch import nn
 from cdmbench.errors import CdmbenchError
 from cdmbench.sampling import Schedule, make_schedule, nominal_sigmas, static_shift
 from cdmbench.types import Evaluators, Prompt
+
+
+PROMPTS_HINT = "--set train.prompts=PATH (a .txt, .jsonl, .json, .csv or .tsv prompt file, as for eval)"
 
 
 @dataclass
@@ -60,7 +64,7 @@ class BackboneOptions:
     """How to build a backbone; every backbone accepts these (unused ones must stay at their default)."""
 
     model: str | None = None  # hub id or local folder; None = the backbone's default
-    device: str = "cpu"
+    device: str | None = None  # torch device; None = accelerate's choice (cdmbench.accel.select_device)
     dtype: str = "float32"  # float32 | bfloat16 | float16: weights of the frozen parts and the nets
     allow_remote_code: bool = False  # never run code from a model repository unless asked
     lora_rank: int = 0  # 0: full fine-tuning of trainable copies; >0: peft LoRA adapters of this rank
@@ -97,9 +101,17 @@ class Backbone(ABC):
     # ``train.<field>`` / ``backbone.<field>`` settings; a method's preset and the user's --set go on top.
     training_defaults: ClassVar[dict[str, str]] = {}
     decodes_to_images: ClassVar[bool] = True
+    # Whether ``train_prompts`` draws training prompts of its own (the toy's grammar); False: a run needs
+    # ``train.prompts`` (checked before anything is built or written).
+    has_train_prompts: ClassVar[bool] = False
 
     def __init__(self, options: BackboneOptions):
         self.options = options
+        if options.device is None:
+            from cdmbench.accel import select_device
+
+            options = dataclasses.replace(options, device=select_device(None))
+            self.options = options
         self.device = torch.device(options.device)
         self._uncond: Cond | None = None
 
@@ -175,7 +187,7 @@ class Backbone(ABC):
 
     def train_prompts(self, n: int, generator: torch.Generator) -> list[str]:
         """Training prompts for data-free distillation (the toy draws captions from its grammar)."""
-        raise CdmbenchError(f"backbone {self.name!r} needs a training prompt file: --set train.prompts=PATH (one prompt per line)")
+        raise CdmbenchError(f"backbone {self.name!r} needs a training prompt file: {PROMPTS_HINT}")
 
     # -- real training data (cdmbench.data) ------------------------------------------------------
     @property

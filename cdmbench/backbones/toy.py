@@ -131,6 +131,8 @@ class ToyBackbone(Backbone):
 
         return encode_latents(self.vae, images.float().to(self.device))
 
+    has_train_prompts = True
+
     def train_prompts(self, n: int, generator: torch.Generator) -> list[str]:
         from cdmbench.toy.shapes import random_captions
 

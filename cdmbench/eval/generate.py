@@ -50,9 +50,12 @@ def image_relpath(run: str, steps: int, prompt_id: str, seed: int) -> str:
     return f"{IMAGES}/{run}/{steps}/{prompt_id}_s{seed}.png"
 
 
-def process_share(device: str):
+def process_share(device: str | None):
     """(process_index, num_processes, wait_for_everyone, device): accelerate's PartialState under a
     multi-process launch (each process on its own accelerator), else one process (accelerate not imported)."""
+    from cdmbench.accel import select_device
+
+    device = select_device(device)  # None: accelerate's device
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1, lambda: None, device

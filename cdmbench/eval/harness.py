@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from cdmbench.backbones.base import BackboneOptions
 from cdmbench.errors import CdmbenchError, UnknownNameError
@@ -48,10 +48,13 @@ class EvalConfig:
         arch: backbone of teacher rows when no evaluated run names one.
         external: NAME=PATH_OR_ID[@GUIDANCE] already-distilled pipelines of ``arch`` (hub id or local folder),
             sampled like the teacher at ``steps`` with their own CFG (default 1.0: no guidance).
-        device: torch device for generation and scoring.
+        device: torch device for generation and scoring; None = accelerate's device (``cdmbench.accel.select_device``:
+            the accelerator when there is one, each process's own under ``accelerate launch``).
         progress: show progress bars and notes.
         checkpoints: "latest" (each run's latest checkpoint) or "all" (every kept checkpoint, EMA weights: a
             learning curve; rows carry the checkpoint's iteration and cumulative compute).
+        metric_options: scorer weights and references (``MetricOptions``; its device is ``device``); None = each
+            metric's environment variable, else its documented default.
     """
 
     workspace: str = "workspace"
@@ -67,9 +70,10 @@ class EvalConfig:
     teacher_steps: tuple[int, ...] | None = None
     arch: str | None = None
     external: tuple[str, ...] = ()
-    device: str = "cpu"
+    device: str | None = None
     progress: bool = True
     checkpoints: str = "latest"
+    metric_options: Any = None  # cdmbench.eval.metrics.MetricOptions | None (imported lazily)
 
     def __post_init__(self):
         if self.checkpoints not in CHECKPOINT_MODES:
@@ -115,7 +119,8 @@ class EvalConfig:
             raise CdmbenchError(f"steps: at most {MAX_STEPS} sampler steps")
         if len(self.seeds) > MAX_SEEDS or max(self.seeds) > MAX_INT:
             raise CdmbenchError(f"seeds: at most {MAX_SEEDS} seeds, each <= {MAX_INT}")
-        check_device(self.device, "device")
+        if self.device is not None:
+            check_device(self.device, "device")
 
     @property
     def out_dir(self) -> Path:
@@ -147,6 +152,10 @@ class _Eval:
     """A resolved ``EvalConfig``: row sources grouped by backbone, prompts per arch, caches."""
 
     def __init__(self, cfg: EvalConfig):
+        if cfg.device is None:
+            from cdmbench.accel import select_device
+
+            cfg = dataclasses.replace(cfg, device=select_device(None))
         self.cfg, self.out = cfg, cfg.out_dir
         self._console = None
         self.sources: list = resolve_sources(cfg, self.note)
@@ -268,7 +277,8 @@ def score(cfg: EvalConfig, *, process_index: int = 0, num_processes: int = 1) ->
 def _score(ev: _Eval, process_index: int = 0, num_processes: int = 1) -> Path:
     from cdmbench.eval.metrics import METRICS, MetricOptions
 
-    scorer = Scorer(ev.out, list(ev.cfg.metrics or METRICS.names()), MetricOptions(device=ev.cfg.device), ev.sources)
+    options = dataclasses.replace(ev.cfg.metric_options or MetricOptions(), device=ev.cfg.device)
+    scorer = Scorer(ev.out, list(ev.cfg.metrics or METRICS.names()), options, ev.sources)
     records = ev.manifest.read()
     with _progress(ev.cfg.progress) as bar:
         mine = shard([p for _, _, _, ps in ev.walk(with_sampler=False) for p in ps], process_index, num_processes)
