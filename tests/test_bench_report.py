@@ -91,12 +91,13 @@ def test_report_sections(eval_dir, tmp_path):
     assert "| **training seeds** | 0-1 |" in text and "| **global batch** | 16 |" in text
     assert "| **k (training seeds per cell)** | 2 |" in text and "(k=1)" not in text
     assert "| **prompt set** | toy: 40 prompts |" in text and "| **seeds per prompt** | 0-1 |" in text
-    assert "hps" not in text  # not applicable anywhere on the toy: hidden
+    assert "hps ↑" not in text and "n/a" not in text  # not applicable anywhere on the toy: hidden, named once
+    assert text.count("natural images only") == 1 and "Left out, as they do not apply to this backbone: hps" in text
     assert text.count("cannot sample with 2 steps") == 3  # once per method, not under every table
     assert "| good vs same | ▲ +0.2" in text and "| same vs twin | = " in text
     assert "| good | 1 (" in text and "| teacher | ref (" in text
     assert "### Training compute" in text and "| good | 1 | good-toy-s0, good-toy-s1 | 2 | 8 | 2 |" in text
-    assert "| good | 1 | 1 | **0.7" in text  # bold = rank 1
+    assert "| good | 1 | 1 | 80 | **0.7" in text  # bold = rank 1
     for f in ("results.csv", "tables/pairs.csv", "tables/ranks.csv", "tables/cells.csv", "plots/toy_acc_vs_compute.png"):
         assert (tmp_path / "rep" / f).is_file(), f
     assert len(pd.read_csv(tmp_path / "rep" / "results.csv")) == len(pd.read_csv(eval_dir / "results.csv"))

@@ -50,15 +50,15 @@ def fixed_rows() -> list[dict]:
 
 
 GOLDEN_SUMMARY = """\
-| method | steps | NFE | fid ↓ | clip ↑ | imagereward ↑ |
-|:--|--:|--:|--:|--:|--:|
-| cdm | 1 | 1 | 5.50 | 28.00 | n/a |
-| dmd2 | 1 | 1 | **4.75** | **29.50** | – |
-| cdm | 2 | 2 | **3.25** | **29.25** | – |
-| dmd2 | 2 | 2 | 3.50 | 28.75 | – |
-| cdm | 4 | 4 | 2.50 | – | – |
-| dmd2 | 4 |  | skipped | – | – |
-| teacher | 28 | 28 | 2.12 | 30.50 | – |"""
+| method | steps | NFE | n | fid ↓ | clip ↑ | imagereward ↑ |
+|:--|--:|--:|--:|--:|--:|--:|
+| cdm | 1 | 1 | 64 | 5.50 | 28.00 | n/a |
+| dmd2 | 1 | 1 | 64 | **4.75** | **29.50** | – |
+| cdm | 2 | 2 | 64 | **3.25** | **29.25** | – |
+| dmd2 | 2 | 2 | 64 | 3.50 | 28.75 | – |
+| cdm | 4 | 4 | 64 | 2.50 | – | – |
+| dmd2 | 4 |  |  | skipped | – | – |
+| teacher | 28 | 28 | 64 | 2.12 | 30.50 | – |"""
 
 GOLDEN_FID = """\
 ### fid ↓ — toy
@@ -234,10 +234,11 @@ def test_build_report_writes_every_file(results, tmp_path):
     summary = "\n".join(line[:-4] if line.startswith("|:") else line.rsplit(" |", 2)[0] + " |"
                         for line in GOLDEN_SUMMARY.splitlines())
     fid = GOLDEN_FID.replace("\n\n- skipped: dmd2 supports steps 1, 2", "")
-    for part in (summary, fid, GOLDEN_CLIP, "Empty cells:\n\n- skipped: dmd2 supports steps 1, 2",
+    for part in (summary, fid, GOLDEN_CLIP, "Empty cells (each reason once):\n\n- dmd2, 4 steps (fid): skipped — dmd2 supports steps 1, 2",
                  "![samples](grid.png)"):
         assert part in text
-    assert "imagereward" not in text and text.count("dmd2 supports steps 1, 2") == 1
+    assert "imagereward ↑" not in text and text.count("dmd2 supports steps 1, 2") == 1
+    assert "Left out, as they do not apply to this backbone: imagereward (rates natural images; toy draws shapes)." in text
     assert sorted(p.name for p in (out / "plots").iterdir()) == ["toy_clip.png", "toy_fid.png"]
     assert sorted(p.name for p in (out / "tables").iterdir()) == [
         "cells.csv", "curves.csv", "pairs.csv", "ranks.csv", "summary_toy.csv", "toy_clip.csv", "toy_fid.csv"]
