@@ -271,6 +271,8 @@ def report_facts(df: pd.DataFrame, eval_dir, argv: list[str] | None) -> dict:
         counts = ", ".join(f"{n} prompts" + (f" ({a})" if len(used) > 1 else "") for a, n in used.items())
         facts["prompt set"] = f"{cfg.get('prompts')}: {counts}" if counts else str(cfg.get("prompts"))
         facts["seeds per prompt"] = _ranges(cfg.get("seeds", []))
+    else:
+        facts["prompt set"] = facts["seeds per prompt"] = "unknown (no eval_config.json beside the results file)"
     seeds = ok["train_seed"].dropna()
     facts["training seeds"] = _ranges(seeds) if len(seeds) else "– (no trained runs)"
     gb = sorted(set(int(b) for b in ok["global_batch"].dropna()))
@@ -422,7 +424,9 @@ def render_report(
             parts.append("Empty cells (each reason once):\n\n" + empty_cells_markdown(shown))
         titles = {t.metric: t.higher_is_better for t in tables if t.arch == s.arch}
         if agg is not None and not agg.cells.empty:
-            parts.append(_verdicts(agg, s.arch, titles, "###"))
+            verdicts = _verdicts(agg, s.arch, titles, "###")
+            if verdicts:
+                parts.append(verdicts)
             if agg.cells["train_tflops"].notna().any():
                 parts.append("### Training compute\n\nCounted by the training loop (`cdmbench.compute`): FLOPs "
                              "of the networks' matmuls/convolutions, forward and backward, all processes; teacher "
@@ -439,8 +443,10 @@ def render_report(
                 ms = make_summary(cells_as_rows(magg), msum, s.arch)
                 parts.append("### Matched training compute\n\n" + (note + "\n\n" if note else "")
                              + summary_markdown(ms))
-                parts.append(_verdicts(magg, s.arch, {t.metric: t.higher_is_better for t in msum}, "####",
-                                       "matched compute: "))
+                mverdicts = _verdicts(magg, s.arch, {t.metric: t.higher_is_better for t in msum}, "####",
+                                      "matched compute: ")
+                if mverdicts:
+                    parts.append(mverdicts)
         if s.arch in grids:
             parts.append(
                 "### Samples\n\nRows: methods by step count (the teacher's reference setting on top; one training "

@@ -56,7 +56,7 @@ def _y_range(student_values, extra_values) -> tuple[float, float] | None:
     if not v.size:
         return None
     lo, hi = float(v.min()), float(v.max())
-    span = hi - lo if hi > lo else max(abs(hi), 1e-9) * 0.1
+    span = hi - lo if hi > lo else (abs(hi) * 0.1 if hi else 1.0)
     for x in extra_values:
         if np.isfinite(x) and max(hi, x) - min(lo, x) <= span * (1 + MAX_GROWTH):
             lo, hi = min(lo, x), max(hi, x)
@@ -212,10 +212,14 @@ def plot_vs_compute(curve, t: MetricTable, out_path: str | os.PathLike) -> Path:
             if limits is None or limits[0] <= ref[1] <= limits[1]:
                 handles.setdefault(name, ax.axhline(ref[1], linestyle=":", color=TEACHER_COLOR, linewidth=1.6))
             else:
-                x_mid = float(np.sqrt(ax.get_xlim()[0] * ax.get_xlim()[1])) if log_x else float(np.mean(ax.get_xlim()))
+                xs = block["train_tflops"].astype(float)
+                x_mid = float(np.sqrt(xs.min() * xs.max())) if log_x else float((xs.min() + xs.max()) / 2)
                 _mark_clipped(ax, x_mid, ref[1], limits, f"teacher, {ref[0]} steps", TEACHER_COLOR)
         if log_x:
+            from matplotlib.ticker import LogLocator
+
             ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
         ax.set_xlabel("training compute (TFLOPs, counted)")
