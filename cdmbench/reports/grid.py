@@ -37,14 +37,6 @@ def _row_labels(m: pd.DataFrame, run_seeds: dict[str, float]) -> pd.DataFrame:
     return m.assign(label=label).drop(columns="_seed")
 
 
-def choose_samples(manifest: pd.DataFrame, max_samples: int) -> list[tuple[str, int]]:
-    """Up to ``max_samples`` (prompt_id, seed) keys present in the most (run, steps) cells, in key order."""
-    keys = manifest.assign(key=list(zip(manifest["prompt_id"].astype(str), manifest["seed"].astype(int))))
-    coverage = keys.groupby("key")[["run", "steps"]].apply(lambda g: len(g.drop_duplicates()))
-    ranked = sorted(coverage.index, key=lambda k: (-coverage[k], k))
-    return ranked[:max_samples]
-
-
 def choose_prompts_and_seeds(manifest: pd.DataFrame, num_prompts: int, num_seeds: int) -> tuple[list[str], list[int]]:
     """``num_prompts`` prompt ids with distinct captions, spread over the prompt set (among those sampled
     in the most cells), and the ``num_seeds`` lowest seeds every chosen prompt has."""
