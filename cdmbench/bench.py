@@ -145,6 +145,7 @@ def run_bench(
                      seeds=tuple(seeds), out=str(workspace / "eval" / f"bench-{arch}"), arch=arch,
                      num_prompts=num_prompts, teacher_steps=teacher_steps, metrics=metrics, progress=progress,
                      checkpoints="all")
+    images_before = _manifest_rows(Path(cfg.out_dir))
     results = eval_in_workers(cfg, jobs)
     eval_minutes = (time.time() - t_eval) / 60
     matched, note = None, ""
@@ -161,13 +162,41 @@ def run_bench(
             f"{m} {as_run_summary(workspace / 'runs' / next(r.name for r in runs if r.method == m))}"
             for m in per_method),
         "eval minutes": f"{eval_minutes:.1f}",
-        "wall minutes": f"{(time.time() - started) / 60:.1f} (this invocation)",
+        "wall minutes": bench_log(Path(cfg.out_dir), started, [n for n, (_, how) in trained.items() if how != "kept"
+                                                               and not how.startswith("kept;")],
+                                  _manifest_rows(Path(cfg.out_dir)) - images_before),
         "eval": f"steps {', '.join(map(str, steps))}; every kept checkpoint (EMA); device {cfg.device}",
     }
     if overrides:
         header["overrides"] = ", ".join(f"{k}={v}" for k, v in sorted(overrides.items()))
     return build_report(results, out, images_root=cfg.out_dir, title=f"cdmbench bench: {arch}", header=header,
                         matched_results=matched, matched_note=note, argv=argv)
+
+
+def bench_log(eval_dir: Path, started: float, trained: list[str], images: int) -> str:
+    """Append this invocation (start, end, minutes, runs trained, images generated) to the eval folder's
+    ``bench_log.jsonl``; returns the header's "X (this invocation), Y (all N invocations ...)"."""
+    import json
+    from datetime import datetime, timezone
+
+    from cdmbench.io import write_text
+    from cdmbench.reports.markdown import BENCH_LOG, bench_wall_minutes
+
+    ended = time.time()
+    iso = lambda t: datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")  # noqa: E731
+    line = json.dumps({"start": iso(started), "end": iso(ended), "minutes": round((ended - started) / 60, 3),
+                       "runs_trained": trained, "images_generated": images})
+    path = eval_dir / BENCH_LOG
+    old = path.read_text() if path.is_file() else ""  # one bench per workspace at a time (it owns the runs)
+    write_text(path, old + ("" if not old or old.endswith("\n") else "\n") + line + "\n")
+    total, count = bench_wall_minutes(eval_dir)
+    return (f"{(ended - started) / 60:.1f} (this invocation), {total:.1f} (all {count} invocations into this "
+            "workspace; until the report build)")
+
+
+def _manifest_rows(eval_dir: Path) -> int:
+    path = eval_dir / "manifest.jsonl"
+    return sum(1 for line in path.open() if line.strip()) if path.is_file() else 0
 
 
 def train_or_keep(cfg, run_dir: Path, progress: bool = True) -> tuple[float, str]:

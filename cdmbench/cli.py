@@ -295,8 +295,11 @@ def report(
     results: Optional[Path] = typer.Option(None, "--results", help="Results file (default WORKSPACE/eval/results.csv)."),
     out: Path = typer.Option(Path("reports"), "--out", help="Report folder."),
     title: str = typer.Option("cdmbench report", "--title", help="Title of the report's markdown page."),
+    grid: bool = typer.Option(True, "--grid/--no-grid", help="Draw the sample grid from the results folder's "
+                              "image manifest (--no-grid: a results file without its images)."),
 ):
-    """Write markdown tables, plots, an image grid and CSV pivots from the results."""
+    """Write markdown tables, plots, an image grid and CSV pivots from the results, under a header (command,
+    versions, date, n, prompt set, seeds, training seeds, global batch)."""
     from cdmbench.reports import build_report
 
     from cdmbench.paths import check_writable_dir
@@ -305,7 +308,7 @@ def report(
     if not Path(res).is_file():
         raise CdmbenchError(f"no results at {res}; run `cdmbench eval` first")
     check_writable_dir(out, "--out")
-    path = build_report(res, out, images_root=Path(res).parent, title=title, argv=sys.argv)
+    path = build_report(res, out, images_root=Path(res).parent if grid else None, title=title, argv=sys.argv)
     typer.echo(f"report: {path}")
 
 

@@ -91,12 +91,13 @@ def test_report_sections(eval_dir, tmp_path):
     assert "| **training seeds** | 0-1 |" in text and "| **global batch** | 16 |" in text
     assert "| **k (training seeds per cell)** | 2 |" in text and "(k=1)" not in text
     assert "| **prompt set** | toy: 40 prompts |" in text and "| **seeds per prompt** | 0-1 |" in text
-    assert "hps" not in text  # not applicable anywhere on the toy: hidden
+    assert "hps ↑" not in text and "n/a" not in text  # not applicable anywhere on the toy: hidden, named once
+    assert text.count("natural images only") == 1 and "Left out, as they do not apply to this backbone: hps" in text
     assert text.count("cannot sample with 2 steps") == 3  # once per method, not under every table
     assert "| good vs same | ▲ +0.2" in text and "| same vs twin | = " in text
     assert "| good | 1 (" in text and "| teacher | ref (" in text
     assert "### Training compute" in text and "| good | 1 | good-toy-s0, good-toy-s1 | 2 | 8 | 2 |" in text
-    assert "| good | 1 | 1 | **0.7" in text  # bold = rank 1
+    assert "| good | 1 | 1 | 80 | **0.7" in text  # bold = rank 1
     for f in ("results.csv", "tables/pairs.csv", "tables/ranks.csv", "tables/cells.csv", "plots/toy_acc_vs_compute.png"):
         assert (tmp_path / "rep" / f).is_file(), f
     assert len(pd.read_csv(tmp_path / "rep" / "results.csv")) == len(pd.read_csv(eval_dir / "results.csv"))
@@ -130,3 +131,100 @@ def test_matched_reference_is_the_cheapest_method():
     from cdmbench.bench import matched_reference
 
     assert matched_reference({"cdm": [3.0, 3.2], "dmd2": [1.0, 1.2], "cd": [2.0]}) == ("dmd2", pytest.approx(1.1))
+
+
+def _plain_rows(rows, tmp_path, name="results.csv"):
+    append_rows(tmp_path / name, rows)
+    return tmp_path / name
+
+
+def test_a_method_trained_per_step_count_is_one_row_without_leaked_skip_notes(tmp_path):
+    """CD-like: one run per step count, each sampling only its own; its other rows say "cannot sample"."""
+    rows = []
+    for run, own in (("cd-toy-phases1-s0", 1), ("cd-toy-phases2-s0", 2)):
+        for steps in (1, 2):
+            if steps == own:
+                rows.append(row(run, "cd", steps, 0.5 + steps / 10, 0))
+                rows.append(row(run, "cd", steps, NAN, 0, status="not_applicable: natural images only", metric="hps"))
+            else:
+                for metric in ("acc", "hps"):
+                    rows.append(row(run, "cd", steps, NAN, 0, status=f"skipped: cd cannot sample with {steps} steps; "
+                                    f"supported: {own}", metric=metric))
+    rows.append(row("dmd-toy-s0", "dmd", 1, 0.4, 0))
+    rows.append(row("dmd-toy-s0", "dmd", 1, NAN, 0, status="not_applicable: natural images only", metric="hps"))
+    for metric in ("acc", "hps"):
+        rows.append(row("dmd-toy-s0", "dmd", 2, NAN, 0, status="skipped: dmd cannot sample with 2 steps; supported: 1",
+                        metric=metric))
+    text = build_report(_plain_rows(rows, tmp_path), tmp_path / "rep", argv=["cdmbench", "report"]).read_text()
+    assert "| cd | 1 | 1 | 80 | **0.600** | 1 |" in text and "| cd | 2 | 2 | 80 | 0.700 | 1 |" in text  # one row each
+    assert "cd cannot sample" not in text  # covered by the run trained for that step count
+    assert "hps ↑" not in text and "n/a" not in text  # n/a everywhere it was sampled: hidden, despite dmd's skip
+    assert text.count("natural images only") == 1
+    assert "- dmd, 2 steps: skipped — dmd cannot sample with 2 steps; supported: 1" in text
+
+
+def test_one_step_reads_as_one_step(tmp_path):
+    rows = [row("a-toy-s0", "a", 2, 0.5, 0), row("a-toy-s0", "a", 1, NAN, 0,
+                                                  status="skipped: a cannot sample with 1 steps; supported: 2")]
+    text = build_report(_plain_rows(rows, tmp_path), tmp_path / "rep").read_text()
+    assert "cannot sample with 1 step;" in text and "1 steps" not in text
+
+
+def test_the_teacher_is_never_bold(tmp_path):
+    """The teacher has the best value in every cell; bold goes to the best student only."""
+    rows = []
+    for steps in (1, 2):
+        rows.append({**row("teacher-toy", "teacher", steps, 0.99, None), "train_step": None, "train_tflops": None,
+                     "train_teacher_fwd": None, "train_minutes": None, "global_batch": None})
+        rows.append(row("a-toy-s0", "a", steps, 0.6, 0))
+        rows.append(row("b-toy-s0", "b", steps, 0.5, 0))
+    text = build_report(_plain_rows(rows, tmp_path), tmp_path / "rep").read_text()
+    teacher_lines = [ln for ln in text.splitlines() if ln.startswith("| teacher |")]
+    assert len(teacher_lines) == 3 and not any("**" in ln for ln in teacher_lines)  # summary ×2, acc table
+    assert "| a | 1 | 1 | 80 | **0.600** |" in text and "| b | 1 | 1 | 80 | 0.500 |" in text
+    assert "| a | **0.600** | **0.600** |" in text
+
+
+def test_small_n_warning_names_the_set_metric_threshold(tmp_path):
+    rows = [{**row("a-toy-s0", "a", 1, 50.0, 0, metric="fid"), "n": 100, "higher_is_better": False},
+            {**row("b-toy-s0", "b", 1, 60.0, 0, metric="fid"), "n": 100, "higher_is_better": False},
+            {**row("a-toy-s0", "a", 1, 0.5, 0), "n": 400}]
+    text = build_report(_plain_rows(rows, tmp_path), tmp_path / "rep").read_text()
+    assert "| **warning: small n** | fid at n = 100 < 300, the least for a set-level metric" in text
+    assert "acc at n" not in text  # 400 items: enough for a per-image mean
+
+
+def test_cli_report_writes_the_header(eval_dir, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from cdmbench.cli import app
+
+    out = tmp_path / "cli-rep"
+    monkeypatch.setattr("sys.argv", ["cdmbench", "report", "--results", "r.csv"])  # what the header shows
+    res = CliRunner().invoke(app, ["report", "--results", str(eval_dir / "results.csv"), "--out", str(out)])
+    assert res.exit_code != 0 and "no image manifest" in res.output  # the grid needs the images: one line
+    res = CliRunner().invoke(app, ["report", "--results", str(eval_dir / "results.csv"), "--out", str(out), "--no-grid"])
+    assert res.exit_code == 0, res.output
+    text = (out / "report.md").read_text()
+    for fact in ("command", "versions", "date", "n (eval items per cell)", "prompt set", "seeds per prompt",
+                 "training seeds", "global batch"):
+        assert f"| **{fact}** |" in text, fact
+    assert "report --results" in text and "| **n (eval items per cell)** | 80 |" in text
+
+
+def test_bench_log_sums_every_invocation(eval_dir):
+    import json
+    import time
+
+    from cdmbench.bench import bench_log
+    from cdmbench.reports.markdown import report_facts
+
+    first = bench_log(eval_dir, time.time() - 120, ["good-toy-s0"], 10)
+    assert first.startswith("2.0 (this invocation), 2.0 (all 1 invocations")
+    second = bench_log(eval_dir, time.time() - 6, [], 0)  # a re-run that only rebuilds the report
+    assert second.startswith("0.1 (this invocation), 2.1 (all 2 invocations")
+    lines = [json.loads(x) for x in (eval_dir / "bench_log.jsonl").read_text().splitlines()]
+    assert lines[0]["runs_trained"] == ["good-toy-s0"] and lines[0]["images_generated"] == 10
+    assert set(lines[1]) == {"start", "end", "minutes", "runs_trained", "images_generated"}
+    facts = report_facts(load_results(eval_dir / "results.csv"), eval_dir, ["cdmbench", "report"])
+    assert facts["wall minutes"] == "2.1 (all 2 bench invocations into this workspace)"

@@ -244,7 +244,7 @@ def test_bench_keeps_finished_runs_and_reports_command_versions_and_times(worksp
     assert "cdmbench bench --methods cdm,dmd --steps 1" in text
     for package in ("cdmbench", "torch", "diffusers", "transformers"):
         assert package in text
-    assert "eval minutes" in text and "kept" in text
+    assert "eval minutes" in text and "kept" in text and "(all 1 invocations into this workspace" in text
     assert "global batch (processes × batch × accumulation)" in text and "(1 × 2 × 1), lr student" in text
     df = read_results(workspace / "eval" / "bench-toy" / "results.csv")
     assert set(df.run) == {"teacher-toy", "cdm-toy-s0", "dmd-toy-s0"}

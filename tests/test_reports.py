@@ -50,15 +50,15 @@ def fixed_rows() -> list[dict]:
 
 
 GOLDEN_SUMMARY = """\
-| method | steps | NFE | fid ↓ | clip ↑ | imagereward ↑ |
-|:--|--:|--:|--:|--:|--:|
-| cdm | 1 | 1 | 5.50 | 28.00 | n/a |
-| dmd2 | 1 | 1 | **4.75** | **29.50** | – |
-| cdm | 2 | 2 | **3.25** | **29.25** | – |
-| dmd2 | 2 | 2 | 3.50 | 28.75 | – |
-| cdm | 4 | 4 | 2.50 | – | – |
-| dmd2 | 4 |  | skipped | – | – |
-| teacher | 28 | 28 | 2.12 | 30.50 | – |"""
+| method | steps | NFE | n | fid ↓ | clip ↑ | imagereward ↑ |
+|:--|--:|--:|--:|--:|--:|--:|
+| cdm | 1 | 1 | 64 | 5.50 | 28.00 | n/a |
+| dmd2 | 1 | 1 | 64 | **4.75** | **29.50** | – |
+| cdm | 2 | 2 | 64 | **3.25** | **29.25** | – |
+| dmd2 | 2 | 2 | 64 | 3.50 | 28.75 | – |
+| cdm | 4 | 4 | 64 | 2.50 | – | – |
+| dmd2 | 4 |  |  | skipped | – | – |
+| teacher | 28 | 28 | 64 | 2.12 | 30.50 | – |"""
 
 GOLDEN_FID = """\
 ### fid ↓ — toy
@@ -234,10 +234,11 @@ def test_build_report_writes_every_file(results, tmp_path):
     summary = "\n".join(line[:-4] if line.startswith("|:") else line.rsplit(" |", 2)[0] + " |"
                         for line in GOLDEN_SUMMARY.splitlines())
     fid = GOLDEN_FID.replace("\n\n- skipped: dmd2 supports steps 1, 2", "")
-    for part in (summary, fid, GOLDEN_CLIP, "Empty cells:\n\n- skipped: dmd2 supports steps 1, 2",
+    for part in (summary, fid, GOLDEN_CLIP, "Empty cells (each reason once):\n\n- dmd2, 4 steps (fid): skipped — dmd2 supports steps 1, 2",
                  "![samples](grid.png)"):
         assert part in text
-    assert "imagereward" not in text and text.count("dmd2 supports steps 1, 2") == 1
+    assert "imagereward ↑" not in text and text.count("dmd2 supports steps 1, 2") == 1
+    assert "Left out, as they do not apply to this backbone: imagereward (rates natural images; toy draws shapes)." in text
     assert sorted(p.name for p in (out / "plots").iterdir()) == ["toy_clip.png", "toy_fid.png"]
     assert sorted(p.name for p in (out / "tables").iterdir()) == [
         "cells.csv", "curves.csv", "pairs.csv", "ranks.csv", "summary_toy.csv", "toy_clip.csv", "toy_fid.csv"]
@@ -250,16 +251,38 @@ def test_build_report_writes_every_file(results, tmp_path):
     assert not [p for p in out.rglob("*.tmp")]
 
 
-def test_grid_uses_the_samples_shared_by_every_cell(tmp_path):
-    from cdmbench.reports.grid import choose_samples
+def test_grid_picks_distinct_prompts_spread_over_the_set_and_common_seeds():
+    from cdmbench.reports.grid import choose_prompts_and_seeds
+
+    rows = []
+    for pid in range(8):
+        caption = "same caption" if pid < 2 else f"caption {pid}"  # p0 and p1 read the same: one column
+        for seed in (0, 1, 2):
+            if pid == 5 and seed == 0:
+                continue  # seed 0 missing for one chosen prompt: not a common seed
+            rows.append({"run": "r", "steps": 1, "prompt_id": f"p{pid}", "prompt": caption, "seed": seed})
+    prompts, seeds = choose_prompts_and_seeds(pd.DataFrame(rows), 3, 2)
+    captions = {f"p{i}": ("same caption" if i < 2 else f"caption {i}") for i in range(8)}
+    assert len(prompts) == 3 and len({captions[p] for p in prompts}) == 3
+    assert prompts == ["p0", "p3", "p5"]  # 7 distinct captions, every 7/3-th one
+    assert seeds == [1, 2]
+
+
+def test_grid_merges_a_per_step_count_method_into_one_row_per_step(tmp_path):
+    from cdmbench.reports.grid import _row_labels, _rows
 
     root = tmp_path / "images"
-    write_images(root, [("r1", "cdm", 1), ("r1", "cdm", 2)], prompt_ids=(0, 1), seeds=(0,))
-    write_images(tmp_path / "other", [("r2", "dmd2", 1)], prompt_ids=(1, 2), seeds=(0,))
-    m = pd.concat([pd.read_json(root / "manifest.jsonl", lines=True, dtype=False),
-                   pd.read_json(tmp_path / "other" / "manifest.jsonl", lines=True, dtype=False)])
-    m["prompt_id"] = m["prompt_id"].astype(str)
-    assert choose_samples(m, 2) == [("1", 0), ("0", 0)]
+    write_images(root, [("teach", "teacher", 1), ("teach", "teacher", 28), ("cd-p1-s0", "cd", 1),
+                        ("cd-p2-s0", "cd", 2), ("cd-p1-s1", "cd", 1), ("cdm-s0", "cdm", 1), ("cdm-s0", "cdm", 2)])
+    m = pd.read_json(root / "manifest.jsonl", lines=True, dtype=False)
+    labelled = _row_labels(m, {"cd-p1-s0": 0, "cd-p2-s0": 0, "cd-p1-s1": 1, "cdm-s0": 0})
+    assert set(labelled["run"]) == {"teach", "cd-p1-s0", "cd-p2-s0", "cdm-s0"}  # the lowest training seed
+    assert _rows(labelled) == [("teacher", 28, True), ("teacher", 1, False), ("cd", 1, False), ("cdm", 1, False),
+                               ("cd", 2, False), ("cdm", 2, False)]
+    build_grid = __import__("cdmbench.reports.grid", fromlist=["sample_grid"]).sample_grid
+    out = build_grid(m, root, tmp_path / "grid.png", num_prompts=2, num_seeds=2)
+    with Image.open(out) as im:
+        assert im.size[0] > 400 and im.size[1] > 400
 
 
 def test_build_report_without_a_manifest_fails_clearly(results, tmp_path):

@@ -7,7 +7,7 @@
     out_dir/results.csv          the tidy rows it was built from (results_matched.csv: the matched runs)
     out_dir/tables/*.csv         <arch>_<metric>.csv pivots, summary_<arch>.csv, cells/pairs/ranks/curves.csv
     out_dir/plots/*.png          <arch>_<metric>.png (vs steps), <arch>_<metric>_vs_compute.png
-    out_dir/grid.png             methods × steps samples (grid_<arch>.png when several archs)
+    out_dir/grid.png             (method, steps) rows × (prompt, seed) columns (grid_<arch>.png when several archs)
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ def build_report(
     images_root: str | os.PathLike | None = None,
     title: str = "cdmbench report",
     header: dict | None = None,
-    max_samples: int = 4,
+    grid_prompts: int = 4,
+    grid_seeds: int = 2,
     matched_results: str | os.PathLike | None = None,
     matched_note: str = "",
     argv: list[str] | None = None,
@@ -55,7 +56,7 @@ def build_report(
         title: the report's H1.
         header: key → value facts shown under the title, after the ones read from the results
             (command, versions, date, n, prompt set, seeds, training seeds, global batch).
-        max_samples: samples per grid cell.
+        grid_prompts, grid_seeds: the grid's columns: this many distinct prompts × seeds.
         matched_results: a second results file of compute-matched runs (``cdmbench bench --match-compute``):
             its own summary, ranking and results copy.
         matched_note: how the matched budget was chosen, shown above that section.
@@ -66,6 +67,8 @@ def build_report(
     """
     import shutil
     import sys
+
+    import pandas as pd
 
     from cdmbench.eval.results import read_manifest
     from cdmbench.io import atomic_path, write_text
@@ -84,7 +87,9 @@ def build_report(
         manifest = manifest[~manifest["run"].str.contains("@", regex=False)]  # older checkpoints: curves only
     eval_dir = Path(results_path).parent
     agg = aggregate(df, eval_dir)
-    metric_tables = [t for t in tables.metric_tables(cells_as_rows(agg)) if t.applies]
+    all_tables = tables.metric_tables(cells_as_rows(agg))
+    metric_tables = [t for t in all_tables if t.applies]
+    hidden = [t for t in all_tables if not t.applies]
     frame = cells_as_rows(agg)
     tables.write_csvs(metric_tables, frame, out_dir / "tables")
     _write_frames(out_dir / "tables", {"cells": agg.cells, "pairs": agg.pairs, "ranks": agg.ranks,
@@ -115,16 +120,19 @@ def build_report(
             shutil.copyfile(matched_results, tmp)
         matched = (magg, mtables, matched_note)
     grids = {}
+    run_seeds = {r: float(s) for r, s in zip(df["run"], pd.to_numeric(df["train_seed"], errors="coerce"))
+                 if not pd.isna(s)}
     if manifest is not None:
         archs = [a for a in dict.fromkeys(manifest["arch"])]
         for arch in archs:
             name = "grid.png" if len(archs) == 1 else f"grid_{tables.safe_name(arch)}.png"
-            grid_mod.sample_grid(manifest[manifest["arch"] == arch], root, out_dir / name, max_samples)
+            grid_mod.sample_grid(manifest[manifest["arch"] == arch], root, out_dir / name, grid_prompts,
+                                 grid_seeds, run_seeds)
             grids[arch] = name
     summaries = [tables.summary(frame, metric_tables, arch) for arch in dict.fromkeys(frame["arch"])]
     facts = {**markdown.report_facts(df, eval_dir, sys.argv if argv is None else argv), **(header or {})}
     text = markdown.render_report(title, facts, summaries, metric_tables, plot_paths, grids, agg=agg,
-                                  compute_plots=compute_plots, matched=matched)
+                                  compute_plots=compute_plots, matched=matched, hidden=hidden)
     report = out_dir / "report.md"
     write_text(report, text)
     return report

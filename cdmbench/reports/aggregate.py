@@ -98,9 +98,10 @@ def aggregate(df: pd.DataFrame, eval_dir: str | Path | None, bootstrap: Bootstra
                        t_high=hi if len(vals) > 1 else np.nan, n_seeds=len(vals),
                        interval=INTERVAL_T if len(vals) > 1 else INTERVAL_ROW)
         cells.append(out)
-    # cells no ok row fills: the reason of their first not-ok row
+    # cells no ok row fills: the reason of a run that sampled at those steps (a method trained per step
+    # count, e.g. CD's phases1/2/4 runs: another run's "cannot sample with N steps" is not this cell's)
     have = {tuple(c[k] for k in ["arch", "label", "steps", "metric"]) for c in cells}
-    for _, r in main[main["status"] != "ok"].iterrows():
+    for _, r in _covering_first(main[main["status"] != "ok"], main).iterrows():
         k = (r["arch"], r["label"], r["steps"], r["metric"])
         if k not in have:
             have.add(k)
@@ -110,6 +111,15 @@ def aggregate(df: pd.DataFrame, eval_dir: str | Path | None, bootstrap: Bootstra
     cells_df = pd.DataFrame(cells)
     pairs, ranks = _pairs_and_ranks(cells_df, datas, boot)
     return Aggregate(cells_df, pairs, ranks, _curves(df))
+
+
+def _covering_first(rows: pd.DataFrame, main: pd.DataFrame) -> pd.DataFrame:
+    """``rows`` with the rows of runs that have an ok row at the same (arch, label, steps) first: such a
+    run was trained for (and sampled at) that step count, so its reason is the cell's."""
+    ok = main[main["status"] == "ok"]
+    sampled = set(zip(ok["arch"], ok["label"], ok["steps"], ok["run"]))
+    covering = [(a, lb, s, r) in sampled for a, lb, s, r in zip(rows["arch"], rows["label"], rows["steps"], rows["run"])]
+    return rows.assign(_cov=covering).sort_values("_cov", ascending=False, kind="stable").drop(columns="_cov")
 
 
 def _cell_data(key, rows: pd.DataFrame, eval_dir, load_items) -> CellData | None:

@@ -5,6 +5,7 @@ intervals are shown as "value ± half-width"; cells that are not "ok" say why, o
 from __future__ import annotations
 
 import math
+import re
 
 import pandas as pd
 
@@ -16,10 +17,11 @@ LEGEND = (
     "(1000 resamples, seed 0: the (prompt, seed) items are resampled, then the training seeds, and FID is "
     "recomputed on every resampled set). **Bold**: rank 1 in its step count, i.e. no other method is better "
     "at 95 % on the same items (teacher rows are references, never bold). "
-    "skipped: not run (reasons listed once per backbone); –: not evaluated. "
-    "Metrics that do not apply to a backbone are left out of its tables."
+    "skipped: not run (reasons listed once per backbone); –: not evaluated; n: eval items ((prompt, seed) "
+    "images) per cell. Metrics that do not apply to a backbone are left out of its tables (listed once)."
 )
 TEACHER_LABEL = "teacher"
+REFERENCE_LABELS = ("teacher", "external")  # ``aggregate.REFERENCE_METHODS``: rows that are never bold or ranked
 MIN_N = {True: 30, False: 300}  # per-image metrics / set-level metrics (FID): fewer items gets a warning
 
 
@@ -36,6 +38,11 @@ def decimals(values) -> int:
 
 def _escape(text: str) -> str:
     return str(text).replace("|", "\\|")
+
+
+def phrase(text: str) -> str:
+    """A reason as a reader reads it: "1 steps" → "1 step"."""
+    return re.sub(r"\b1 steps\b", "1 step", str(text))
 
 
 def _steps_label(steps: int) -> str:
@@ -79,7 +86,8 @@ def cell(value: float, low: float, high: float, status: str, digits: int, bold: 
 
 
 def _references(labels) -> set:
-    return {lb for lb in labels if str(lb) == TEACHER_LABEL or str(lb).startswith(TEACHER_LABEL + " (")}
+    """Reference rows (the teacher, external checkpoints): labels "teacher" or "teacher (run)"."""
+    return {lb for lb in labels if any(str(lb) == r or str(lb).startswith(r + " (") for r in REFERENCE_LABELS)}
 
 
 def common_seeds(t: MetricTable) -> int | None:
@@ -120,7 +128,48 @@ def metric_table_markdown(t: MetricTable) -> str:
 
 
 def reasons_markdown(statuses: list[str]) -> str:
-    return "\n".join(f"- {_status_cell(s)}: {_escape(s.split(': ', 1)[1])}" for s in statuses)
+    return "\n".join(f"- {_status_cell(s)}: {_escape(phrase(s.split(': ', 1)[1]))}" for s in statuses)
+
+
+def empty_cells_markdown(tables: list[MetricTable]) -> str:
+    """Each reason of an empty cell once, with where it applies: "- dmd, 2 steps: skipped — dmd cannot
+    sample with 2 steps; supported: 1" (metrics named when the reason covers only some of them)."""
+    where: dict[str, dict[tuple, list[str]]] = {}
+    for t in tables:
+        for label in t.status.index:
+            for steps in t.status.columns:
+                st = t.status.at[label, steps]
+                if st and st != "ok":
+                    where.setdefault(st, {}).setdefault((label, int(steps)), []).append(t.title)
+    lines = []
+    for st, cells in where.items():
+        by_label: dict[str, tuple[list[int], set]] = {}
+        for (label, steps), metrics in cells.items():
+            by_label.setdefault(label, ([], set()))[0].append(steps)
+            by_label[label][1].update(metrics)
+        places = []
+        for label, (steps, metrics) in by_label.items():
+            st_text = _steps_list(sorted(steps))
+            some = len(metrics) < len(tables)
+            places.append(f"{label}, {st_text}" + (f" ({', '.join(sorted(metrics))})" if some else ""))
+        reason = st.split(": ", 1)[1] if ": " in st else st
+        lines.append(f"- {_escape('; '.join(places))}: {_status_cell(st)} — {_escape(phrase(reason))}")
+    return "\n".join(lines)
+
+
+def _steps_list(steps: list[int]) -> str:
+    if len(steps) == 1:
+        return _steps_label(steps[0])
+    return f"{', '.join(map(str, steps[:-1]))} and {steps[-1]} steps"
+
+
+def left_out_markdown(hidden: list[MetricTable]) -> str:
+    """One line: the metrics hidden because they do not apply to the backbone, with each reason once."""
+    by_reason: dict[str, list[str]] = {}
+    for t in hidden:
+        by_reason.setdefault(t.not_applicable_reason(), []).append(t.title)
+    parts = [f"{', '.join(ms)} ({_escape(phrase(r))})" if r else ", ".join(ms) for r, ms in by_reason.items()]
+    return "Left out, as they do not apply to this backbone: " + "; ".join(parts) + "."
 
 
 def metric_section(t: MetricTable, plot: str | None = None, reasons: bool = True,
@@ -157,6 +206,9 @@ def summary_markdown(s: Summary) -> str:
         label, steps = key
         nfe = s.nfe.get(key)
         row = [_escape(label), str(steps), "" if nfe is None or pd.isna(nfe) else str(int(nfe))]
+        if s.n is not None:
+            n = s.n.get(key)
+            row.append("" if n is None or pd.isna(n) else str(n))
         for c in titles:
             nan = float("nan")
             row.append(cell(s.value.at[key, c], nan, nan, s.status.at[key, c], digits[c], key in best[c]))
@@ -164,7 +216,8 @@ def summary_markdown(s: Summary) -> str:
             v = s.tflops.get(key)
             row.append("" if v is None or pd.isna(v) else f"{v:.3g}")
         rows.append(row)
-    header = ["method", "steps", "NFE", *(f"{_escape(c)} {arrow(hib[c])}".strip() for c in titles)]
+    header = ["method", "steps", "NFE", *(["n"] if s.n is not None else []),
+              *(f"{_escape(c)} {arrow(hib[c])}".strip() for c in titles)]
     if with_compute:
         header.append("train TFLOPs")
     return _table(header, [":--", "--:", "--:", *["--:"] * (len(header) - 3)], rows)
@@ -218,6 +271,8 @@ def report_facts(df: pd.DataFrame, eval_dir, argv: list[str] | None) -> dict:
         counts = ", ".join(f"{n} prompts" + (f" ({a})" if len(used) > 1 else "") for a, n in used.items())
         facts["prompt set"] = f"{cfg.get('prompts')}: {counts}" if counts else str(cfg.get("prompts"))
         facts["seeds per prompt"] = _ranges(cfg.get("seeds", []))
+    else:
+        facts["prompt set"] = facts["seeds per prompt"] = "unknown (no eval_config.json beside the results file)"
     seeds = ok["train_seed"].dropna()
     facts["training seeds"] = _ranges(seeds) if len(seeds) else "– (no trained runs)"
     gb = sorted(set(int(b) for b in ok["global_batch"].dropna()))
@@ -225,25 +280,52 @@ def report_facts(df: pd.DataFrame, eval_dir, argv: list[str] | None) -> dict:
     if len(per_cell):
         facts["k (training seeds per cell)"] = ", ".join(map(str, sorted(set(int(k) for k in per_cell))))
     facts["global batch"] = ", ".join(map(str, gb)) if gb else "–"
+    wall = bench_wall_minutes(eval_dir)
+    if wall is not None:
+        minutes, count = wall
+        facts["wall minutes"] = f"{minutes:.1f} (all {count} bench invocations into this workspace)"
     warnings = small_n_warnings(df)
     if warnings:
-        facts["warning"] = "; ".join(warnings)
+        facts["warning: small n"] = "; ".join(warnings) + " — read these cells as a smoke test, not a result"
     return facts
 
 
+BENCH_LOG = "bench_log.jsonl"  # one line per ``cdmbench bench`` invocation, in its eval folder
+
+
+def bench_wall_minutes(eval_dir) -> tuple[float, int] | None:
+    """(total wall minutes, invocations) of the bench log in ``eval_dir`` (``cdmbench.bench``), or None."""
+    import json
+    from pathlib import Path
+
+    if eval_dir is None or not (Path(eval_dir) / BENCH_LOG).is_file():
+        return None
+    minutes = []
+    for line in (Path(eval_dir) / BENCH_LOG).read_text().splitlines():
+        if line.strip():
+            try:
+                minutes.append(float(json.loads(line)["minutes"]))
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn or foreign line: not counted
+    return (sum(minutes), len(minutes)) if minutes else None
+
+
 def small_n_warnings(df: pd.DataFrame) -> list[str]:
-    """One line per metric whose cells have fewer eval items than it needs (``MIN_N``)."""
+    """One line per threshold (``MIN_N``) that some cells miss: the threshold, the n and the metrics."""
     from cdmbench.eval.metrics import METRICS
 
-    out = []
+    groups: dict[tuple[bool, tuple], list[str]] = {}
     ok = df[df["status"] == "ok"]
     for metric, rows in ok.groupby("metric", sort=False):
         per_image = bool(getattr(METRICS.get(metric), "per_image", True)) if metric in METRICS else True
-        need = MIN_N[per_image]
-        small = sorted(set(int(n) for n in rows["n"].dropna() if n < need))
+        small = tuple(sorted(set(int(n) for n in rows["n"].dropna() if n < MIN_N[per_image])))
         if small:
-            what = "a per-image mean" if per_image else "a set-level metric (biased at small n)"
-            out.append(f"{metric} at n = {', '.join(map(str, small))} < {need}, too few for {what}")
+            groups.setdefault((per_image, small), []).append(metric)
+    out = []
+    for (per_image, small), metrics in groups.items():
+        what = "a per-image mean" if per_image else "a set-level metric such as FID (biased at small n)"
+        out.append(f"{', '.join(metrics)} at n = {', '.join(map(str, small))} < {MIN_N[per_image]}, the least for "
+                   f"{what}")
     return out
 
 
@@ -310,16 +392,6 @@ def compute_markdown(cells: pd.DataFrame, arch: str) -> str:
                    "minutes", "global batch"], [":--", "--:", ":--", *["--:"] * 6], rows)
 
 
-def _arch_reasons(tables: list[MetricTable], arch: str) -> list[str]:
-    seen = []
-    for t in tables:
-        if t.arch == arch:
-            for r in t.reasons():
-                if r not in seen:
-                    seen.append(r)
-    return seen
-
-
 def render_report(
     title: str,
     header: dict | None,
@@ -330,11 +402,12 @@ def render_report(
     agg=None,
     compute_plots: dict[str, str] | None = None,
     matched=None,
+    hidden: list[MetricTable] | None = None,
 ) -> str:
     """The whole report.md: title, header, legend, per arch a summary, empty-cell reasons (once), the
     rankings and pairwise verdicts per step count, training compute, metric sections, matched compute,
-    sample grid."""
-    plots, grids, compute_plots = plots or {}, grids or {}, compute_plots or {}
+    sample grid. ``hidden``: tables left out as not applicable (named once per arch)."""
+    plots, grids, compute_plots, hidden = plots or {}, grids or {}, compute_plots or {}, hidden or []
     parts = [f"# {title}"]
     if header:
         parts.append(header_markdown(header))
@@ -343,12 +416,17 @@ def render_report(
         parts.append(f"## {_escape(s.arch)}")
         if not s.value.empty:
             parts.append("### Summary\n\n" + summary_markdown(s))
-        reasons = _arch_reasons(tables, s.arch)
-        if reasons:
-            parts.append("Empty cells:\n\n" + reasons_markdown(reasons))
+        left_out = [t for t in hidden if t.arch == s.arch]
+        if left_out:
+            parts.append(left_out_markdown(left_out))
+        shown = [t for t in tables if t.arch == s.arch]
+        if any(t.reasons() for t in shown):
+            parts.append("Empty cells (each reason once):\n\n" + empty_cells_markdown(shown))
         titles = {t.metric: t.higher_is_better for t in tables if t.arch == s.arch}
         if agg is not None and not agg.cells.empty:
-            parts.append(_verdicts(agg, s.arch, titles, "###"))
+            verdicts = _verdicts(agg, s.arch, titles, "###")
+            if verdicts:
+                parts.append(verdicts)
             if agg.cells["train_tflops"].notna().any():
                 parts.append("### Training compute\n\nCounted by the training loop (`cdmbench.compute`): FLOPs "
                              "of the networks' matmuls/convolutions, forward and backward, all processes; teacher "
@@ -365,11 +443,14 @@ def render_report(
                 ms = make_summary(cells_as_rows(magg), msum, s.arch)
                 parts.append("### Matched training compute\n\n" + (note + "\n\n" if note else "")
                              + summary_markdown(ms))
-                parts.append(_verdicts(magg, s.arch, {t.metric: t.higher_is_better for t in msum}, "####",
-                                       "matched compute: "))
+                mverdicts = _verdicts(magg, s.arch, {t.metric: t.higher_is_better for t in msum}, "####",
+                                      "matched compute: ")
+                if mverdicts:
+                    parts.append(mverdicts)
         if s.arch in grids:
             parts.append(
-                "### Samples\n\nRows: methods; columns: steps; the same prompts and seeds in every cell.\n\n"
+                "### Samples\n\nRows: methods by step count (the teacher's reference setting on top; one training "
+                "seed, the lowest); columns: distinct prompts (captions above) × seeds, the same in every row.\n\n"
                 f"![samples]({grids[s.arch]})"
             )
     return "\n\n".join(parts) + "\n"

@@ -70,9 +70,17 @@ class MetricTable:
 
     @property
     def applies(self) -> bool:
-        """False when every cell of the table is "not_applicable" (the table is hidden)."""
+        """False when no cell is "ok" and some cell is "not_applicable": the metric does not apply to the
+        backbone (the other cells are step counts a method cannot sample), so the table is hidden."""
         cells = [s for s in self.status.to_numpy().ravel() if s]
-        return not cells or not all(s.startswith("not_applicable") for s in cells)
+        return not cells or "ok" in cells or not any(s.startswith("not_applicable") for s in cells)
+
+    def not_applicable_reason(self) -> str:
+        """The first "not_applicable" reason of the table ("" when none)."""
+        for s in self.status.to_numpy().ravel():
+            if s and s.startswith("not_applicable"):
+                return s.split(": ", 1)[1] if ": " in s else ""
+        return ""
 
 
 def safe_name(name: str) -> str:
@@ -140,6 +148,7 @@ class Summary:
     nfe: pd.Series  # index (label, steps)
     rank: pd.DataFrame | None = None  # compact ranks, like ``value``
     tflops: pd.Series | None = None  # training TFLOPs behind each (label, steps) (mean over its runs)
+    n: pd.Series | None = None  # eval items per cell of each (label, steps): "480", or "96–480" when metrics differ
 
 
 def summary(df: pd.DataFrame, tables: list[MetricTable], arch: str) -> Summary:
@@ -160,7 +169,15 @@ def summary(df: pd.DataFrame, tables: list[MetricTable], arch: str) -> Summary:
     ok = df[(df["arch"] == arch) & (df["status"] == "ok")].assign(steps=lambda r: r["steps"].astype("int64"))
     nfe = ok.groupby(["label", "steps"])["nfe"].first().reindex(index)
     tflops = ok.groupby(["label", "steps"])["train_tflops"].mean().reindex(index) if "train_tflops" in ok else None
-    return Summary(arch, tables, value, status, nfe, rank, tflops)
+    titles = {t.metric for t in tables}
+    shown = ok[ok["metric"].isin(titles)]
+    n = shown.groupby(["label", "steps"])["n"].agg(_n_range).reindex(index)
+    return Summary(arch, tables, value, status, nfe, rank, tflops, n)
+
+
+def _n_range(ns: pd.Series) -> str:
+    v = sorted(set(int(x) for x in ns.dropna()))
+    return "" if not v else str(v[0]) if len(v) == 1 else f"{v[0]}–{v[-1]}"
 
 
 def write_csvs(tables: list[MetricTable], df: pd.DataFrame, out_dir: str | os.PathLike) -> list[Path]:
