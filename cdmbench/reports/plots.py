@@ -117,7 +117,8 @@ def plot_metric(t: MetricTable, out_path: str | os.PathLike, teacher_labels: set
     steps = [int(c) for c in t.value.columns]
     student_steps = [s for s in steps if any(np.isfinite(t.value.at[lb, s]) for lb in students)]
     shown = []
-    for i, label in enumerate(students):
+    for label in students:
+        i = sorted(map(str, students)).index(str(label))  # a method keeps its colour in every plot
         y = t.value.loc[label].to_numpy(dtype=float)
         ok = np.isfinite(y)
         if not ok.any():
@@ -191,7 +192,7 @@ def plot_vs_compute(curve, t: MetricTable, out_path: str | os.PathLike) -> Path:
         if len(row):
             ref = (int(row.index.max()), float(row[row.index.max()]))
     labels = list(dict.fromkeys(curve["label"]))
-    colors = {lb: f"C{i % 10}" for i, lb in enumerate(labels)}
+    colors = {lb: f"C{i % 10}" for i, lb in enumerate(sorted(labels, key=str))}  # as in the steps plots
     x_all = curve["train_tflops"].astype(float)
     log_x = len(x_all) and x_all.min() > 0 and x_all.max() / x_all.min() > 20
     handles = {}
