@@ -75,7 +75,7 @@ class RCMConfig:
     num_pairs: int = 10000  # teacher samples (x0, prompt) used as data
     pair_steps: int = 28
     pair_seed: int = 4321
-    sigma_max: float = 1.0  # sampler σ_0
+    sample_sigma0: float = 1.0  # sampler σ_0
     mid_taus: tuple[float, ...] = (1.5, 1.4, 1.0)  # sampler's intermediate TrigFlow times (rCM), [:steps−1]
     student_lr: float = 2e-6  # rCM Wan-1.3B
     fake_lr: float = 4e-7
@@ -97,8 +97,8 @@ class RCMConfig:
             raise CdmbenchError(f"scm_weight and dmd_weight must be >= 0, got {self.scm_weight}, {self.dmd_weight}")
         if not 0 < self.sigma_min < self.sigma_max_train < 1:
             raise CdmbenchError(f"need 0 < sigma_min < sigma_max_train < 1, got {self.sigma_min}, {self.sigma_max_train}")
-        if not 0 < self.sigma_max <= 1:
-            raise CdmbenchError(f"sigma_max must be in (0, 1], got {self.sigma_max}")
+        if not 0 < self.sample_sigma0 <= 1:
+            raise CdmbenchError(f"sample_sigma0 must be in (0, 1], got {self.sample_sigma0}")
         if any(not 0 < t < math.pi / 2 for t in self.mid_taus):
             raise CdmbenchError(f"mid_taus must lie in (0, π/2), got {self.mid_taus}")
         if self.num_pairs < 1:
@@ -130,10 +130,10 @@ class RCM(Method):
         return tuple(range(1, len(self.config.mid_taus) + 2))
 
     def schedule(self, steps: int) -> Schedule:
-        """σ_0 = ``sigma_max``, then σ(τ) for τ in ``mid_taus[:steps−1]``; already effective (no shift)."""
+        """σ_0 = ``sample_sigma0``, then σ(τ) for τ in ``mid_taus[:steps−1]``; already effective (no shift)."""
         self.check_steps(steps)
         c = self.config
-        return make_schedule([c.sigma_max, *(float(trig_to_sigma(t)) for t in c.mid_taus[:steps - 1])], lambda s: s)
+        return make_schedule([c.sample_sigma0, *(float(trig_to_sigma(t)) for t in c.mid_taus[:steps - 1])], lambda s: s)
 
     def optim_specs(self):
         c = self.config

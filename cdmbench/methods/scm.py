@@ -17,7 +17,7 @@ so x0 comes from a fixed set of teacher ODE samples made once per run with the s
    logs carry ‖D‖, ‖g‖ and r instead).
 
 Sampling: multistep consistency sampling (note §2): x̂0 = x − σ_i·v_θ(x, σ_i), re-noised with fresh noise to
-σ_{i+1}; σ_0 = ``sigma_max`` = 1 (note: "on SD3 use σ_0 = 1"), then the intermediate TrigFlow times
+σ_{i+1}; σ_0 = ``sample_sigma0`` = 1 (note: "on SD3 use σ_0 = 1"), then the intermediate TrigFlow times
 ``mid_taus`` = (1.5, 1.4, 1.0)[:n−1] (rCM; σ = 0.9338, 0.8529, 0.6090), so 1–4 steps; the σ list is recorded as
 given (effective = nominal: no backbone shift on top). One NFE per step (no CFG).
 
@@ -67,7 +67,7 @@ class SCMConfig:
     num_pairs: int = 10000  # teacher samples (x0, prompt) used as data (note §1.6)
     pair_steps: int = 28  # teacher Euler steps for them
     pair_seed: int = 4321
-    sigma_max: float = 1.0  # σ_0 of the sampler (SD3: 1; rCM/FastGen EDM: 80/81)
+    sample_sigma0: float = 1.0  # σ_0 of the sampler (SD3: 1; rCM/FastGen EDM: 80/81)
     mid_taus: tuple[float, ...] = (1.5, 1.4, 1.0)  # intermediate TrigFlow times of the sampler (rCM), [:steps−1]
     student_lr: float = 2e-6  # rCM Wan-1.3B
     betas: tuple[float, float] = (0.0, 0.999)  # rCM
@@ -82,8 +82,8 @@ class SCMConfig:
             raise CdmbenchError(f"tangent_warmup must be >= 0 steps, got {self.tangent_warmup}")
         if not 0 < self.sigma_min < self.sigma_max_train < 1:
             raise CdmbenchError(f"need 0 < sigma_min < sigma_max_train < 1, got {self.sigma_min}, {self.sigma_max_train}")
-        if not 0 < self.sigma_max <= 1:
-            raise CdmbenchError(f"sigma_max must be in (0, 1], got {self.sigma_max}")
+        if not 0 < self.sample_sigma0 <= 1:
+            raise CdmbenchError(f"sample_sigma0 must be in (0, 1], got {self.sample_sigma0}")
         if any(not 0 < t < math.pi / 2 for t in self.mid_taus):
             raise CdmbenchError(f"mid_taus must lie in (0, π/2), got {self.mid_taus}")
         if self.num_pairs < 1:
@@ -112,10 +112,10 @@ class SCM(Method):
         return tuple(range(1, len(self.config.mid_taus) + 2))
 
     def schedule(self, steps: int) -> Schedule:
-        """σ_0 = ``sigma_max``, then σ(τ) for τ in ``mid_taus[:steps−1]``; already effective (no shift)."""
+        """σ_0 = ``sample_sigma0``, then σ(τ) for τ in ``mid_taus[:steps−1]``; already effective (no shift)."""
         self.check_steps(steps)
         c = self.config
-        sig = [c.sigma_max, *(float(trig_to_sigma(t)) for t in c.mid_taus[:steps - 1])]
+        sig = [c.sample_sigma0, *(float(trig_to_sigma(t)) for t in c.mid_taus[:steps - 1])]
         return make_schedule(sig, lambda s: s)
 
     def optim_specs(self):
