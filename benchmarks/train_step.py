@@ -1,5 +1,6 @@
 """Per method on the toy: training iteration time through the real loop, the time of the same
-iterations' network passes alone (forwards timed inside ``Backbone.velocity``, text-encoder forwards of
+iterations' network passes alone (forwards timed inside ``Backbone.velocity``; forward-mode JVPs — sCM/rCM —
+timed whole inside ``Backbone.velocity_jvp``, counted as network time and as JVP passes; text-encoder forwards of
 prompts a method encodes itself inside ``Backbone.encode_prompts``, backwards inside
 ``Accelerator.backward``), passes per iteration by network, and the harness overhead ratio
 (iteration time / network time; target ≤ 1.10). Prints a markdown table.
@@ -34,12 +35,14 @@ def main() -> None:
     from cdmbench.train import train
 
     names = args.methods.split(",") if args.methods else METHODS.names()
-    stats = {"net_s": 0.0, "passes": collections.Counter()}
+    stats = {"net_s": 0.0, "passes": collections.Counter(), "in_jvp": False}
     current = {}
 
     orig_velocity = ToyBackbone.velocity
 
     def timed_velocity(self, net, x, sigma, cond):
+        if stats["in_jvp"]:  # inside velocity_jvp: timed and counted there, as one JVP pass
+            return orig_velocity(self, net, x, sigma, cond)
         t = time.perf_counter()
         out = orig_velocity(self, net, x, sigma, cond)
         stats["net_s"] += time.perf_counter() - t
@@ -48,6 +51,18 @@ def main() -> None:
             (k for k, v in (m.nets.items() if m else []) if v is net), "other")
         stats["passes"][role] += 1
         return out
+
+    orig_jvp = ToyBackbone.velocity_jvp
+
+    def timed_jvp(self, *a, **kw):
+        t = time.perf_counter()
+        stats["in_jvp"] = True
+        try:
+            return orig_jvp(self, *a, **kw)
+        finally:
+            stats["in_jvp"] = False
+            stats["net_s"] += time.perf_counter() - t
+            stats["passes"]["jvp"] += 1
 
     orig_encode = ToyBackbone.encode_prompts
 
@@ -77,6 +92,7 @@ def main() -> None:
 
         cls.__init__ = init
         ToyBackbone.velocity = timed_velocity
+        ToyBackbone.velocity_jvp = timed_jvp
         ToyBackbone.encode_prompts = timed_encode
         accelerate.Accelerator.backward = timed_backward
         try:
@@ -99,6 +115,7 @@ def main() -> None:
             cls.__init__ = orig_init
             cls.train_step = orig_train_step
             ToyBackbone.velocity = orig_velocity
+            ToyBackbone.velocity_jvp = orig_jvp
             ToyBackbone.encode_prompts = orig_encode
             accelerate.Accelerator.backward = orig_backward
         kept = records[4:]  # drop warm-up iterations (allocator, one-off pair/sample sets)
@@ -112,11 +129,12 @@ def main() -> None:
         rows.append((name, iter_s * 1000, net_s * 1000, per, iter_s / net_s))
     print(f"toy backbone, batch {args.batch}, {args.iters} iterations, {args.threads} threads\n")
     print("| method | iteration ms | network passes ms | student / teacher (+CD's EMA target) / fake forwards per it | "
-          "text-encoder passes per it | backwards per it | overhead ratio |")
-    print("|---|---|---|---|---|---|---|")
+          "student JVPs per it | text-encoder passes per it | backwards per it | overhead ratio |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, it, net, per, ratio in rows:
         passes = f"{per.get('student', 0):.1f} / {per.get('teacher', 0) + per.get('other', 0):.1f} / {per.get('fake_score', 0):.1f}"
-        print(f"| {name} | {it:.0f} | {net:.0f} | {passes} | {per.get('text', 0):.1f} | {per.get('backward', 0):.2f} | {ratio:.3f} |")
+        print(f"| {name} | {it:.0f} | {net:.0f} | {passes} | {per.get('jvp', 0):.1f} | {per.get('text', 0):.1f} | "
+              f"{per.get('backward', 0):.2f} | {ratio:.3f} |")
 
 
 if __name__ == "__main__":

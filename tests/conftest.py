@@ -29,6 +29,8 @@ TINY_METHOD_SETTINGS = {
     "dmd2": {"warmup": "0", "update_ratio": "2"},
     "dmd": {"warmup": "0", "num_pairs": "4", "pair_steps": "2"},
     "cd": {"warmup": "0"},
+    "scm": {"num_pairs": "4", "pair_steps": "2", "tangent_warmup": "2"},
+    "rcm": {"num_pairs": "4", "pair_steps": "2", "tangent_warmup": "0", "update_ratio": "2"},
 }
 
 

@@ -12,7 +12,7 @@ runner = CliRunner()
 
 
 def test_help_lists_registry_choices():
-    res = runner.invoke(app, ["train", "--help"])
+    res = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"})  # rich wraps a long choice list at 80
     assert res.exit_code == 0
     from cdmbench.backbones import BACKBONES
     from cdmbench.methods import METHODS

@@ -138,6 +138,15 @@ class Backbone(ABC):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents → images, float32 in [0, 1], (B, 3, H, W)."""
 
+    def velocity_jvp(self, net: nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, dx: torch.Tensor,
+                     dsigma, *, mode="exact", fd_step: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+        """(v̂, ∂v̂ along (dx, dσ)) of ``net``, fp32, no grad; σ-tangent in σ units. Every backbone gets it from
+        its ``velocity`` (``cdmbench.backbones.jvp``: exact forward-mode AD on the math attention kernel, or an
+        explicit finite difference)."""
+        from cdmbench.backbones.jvp import velocity_jvp
+
+        return velocity_jvp(self, net, x, sigma, cond, dx, dsigma, mode=mode, fd_step=fd_step)
+
     # -- shared helpers ------------------------------------------------------------------------
     def uncond(self, batch_size: int) -> Cond:
         """The encoded empty prompt "" (not zeros), repeated to the batch."""

@@ -7,4 +7,4 @@ from cdmbench.registry import Registry
 
 METHODS: Registry = Registry("method", entry_point_group="cdmbench.methods")
 
-from cdmbench.methods import cdm, dmd, dmd2, ddmd, cd  # noqa: E402,F401  (register built-ins)
+from cdmbench.methods import cdm, dmd, dmd2, ddmd, cd, scm, rcm  # noqa: E402,F401  (register built-ins)

@@ -56,3 +56,10 @@ def random_rollout_nominal(rng: random.Random, max_steps: int = 28, low: float =
     inner_rng = inner_rng or rng
     inner = sorted((inner_rng.uniform(low, high) for _ in range(n - 1)), reverse=True)
     return [1.0, *inner]
+
+
+def shifted_uniform_sigmas(n: int, shift: float, *, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(n,) float32 σ = α·u/(1 + (α−1)·u), u ~ U(0, 1): rCM's DMD density p_D (continuous-cm.md §2; rCM's
+    ``timestep_shift``, α = 5 on Wan), the same map as SD3's static shift (cdm.md §1.1)."""
+    u = torch.rand(n, generator=generator, dtype=torch.float32)
+    return (shift * u / (1 + (shift - 1) * u)).to(device)
