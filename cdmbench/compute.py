@@ -64,9 +64,11 @@ def _first_tensor(obj) -> torch.Tensor | None:
 
 
 def _shapes(obj) -> tuple:
-    """The shapes (and dtypes) of every tensor in a call's arguments, in order."""
+    """The shapes (and dtypes) of every tensor in a call's arguments, in order, and whether it is a functorch
+    tensor: a call inside ``torch.func.jvp`` (forward-mode AD, e.g. sCM's tangent) computes the tangent too,
+    about 3x a plain forward's FLOPs, so it is measured apart from plain calls of the same shapes."""
     if isinstance(obj, torch.Tensor):
-        return (tuple(obj.shape), str(obj.dtype))
+        return (tuple(obj.shape), str(obj.dtype), torch._C._functorch.is_functorch_wrapped_tensor(obj))
     if isinstance(obj, (list, tuple)):
         return tuple(_shapes(o) for o in obj)
     if isinstance(obj, dict):

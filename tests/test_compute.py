@@ -120,3 +120,22 @@ def test_run_roles_name_every_network_once():
     assert list(roles) == ["teacher", "student", "fake_score", "target_net", "encoder"]
     with pytest.raises(CdmbenchError, match="same module"):
         ComputeMeter({"a": roles["student"], "b": roles["student"]})
+
+
+def test_a_jvp_call_is_measured_apart_from_a_plain_call_of_the_same_shapes():
+    """Inside ``torch.func.jvp`` a network also computes its tangent: such a call must be measured by the FLOP
+    counter, not charged the plain call's cost because its argument shapes match (sCM / rCM)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _, teacher, _ = nets()
+    x, t = torch.randn(M, K), torch.randn(M, K)
+    with FlopCounterMode(display=False) as f:
+        torch.func.jvp(teacher, (x,), (t,))
+    jvp_flops = f.get_total_flops()
+    assert jvp_flops > 2 * M * N * K  # the tangent's matmul on top of the primal's
+    meter = ComputeMeter({"teacher": teacher})
+    with meter.iteration(0):
+        teacher(x)  # plain first: its shapes are then "known"
+        torch.func.jvp(teacher, (x,), (t,))
+    assert meter.counts["teacher"]["fwd_samples"] == 2 * M
+    assert meter.fwd_flops["teacher"] == pytest.approx((2 * M * N * K + jvp_flops) / (2 * M))

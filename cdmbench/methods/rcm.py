@@ -119,10 +119,10 @@ class RCM(Method):
         "longcat": {"scm_weight": 36.0, "train.steps": 2000, "train.checkpoint_every": 500},
     }
 
-    def __init__(self, backbone, config: RCMConfig, *, training: bool = True, data_source=None):
-        super().__init__(backbone, config, training=training, data_source=data_source)
+    def __init__(self, backbone, config: RCMConfig, **run):
+        super().__init__(backbone, config, **run)  # training, data_source, prompt_source (see Method)
         self.pairs = None  # teacher samples (cdmbench.pairs.PairSet), set by ``prepare``
-        if training:
+        if self.training:
             self.nets["fake_score"] = backbone.trainable_copy()
 
     @property
@@ -164,7 +164,7 @@ class RCM(Method):
 
     def teacher_velocity(self, x, s, cond) -> torch.Tensor:
         B = x.shape[0]
-        v_u, v_c = self.v(self.teacher, torch.cat([x, x]), torch.cat([s, s]), self.backbone.uncond(B).cat(cond)).chunk(2)
+        v_u, v_c = self.teacher_cfg(x, s, cond)
         return v_u + self.config.guidance * (v_c - v_u)
 
     def p_d(self, n: int) -> torch.Tensor:

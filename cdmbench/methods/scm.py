@@ -103,8 +103,8 @@ class SCM(Method):
         "longcat": {"train.steps": 2000, "train.checkpoint_every": 500},
     }
 
-    def __init__(self, backbone, config: SCMConfig, *, training: bool = True, data_source=None):
-        super().__init__(backbone, config, training=training, data_source=data_source)
+    def __init__(self, backbone, config: SCMConfig, **run):
+        super().__init__(backbone, config, **run)  # training, data_source, prompt_source (see Method)
         self.pairs = None  # teacher samples (cdmbench.pairs.PairSet), set by ``prepare``
 
     @property
@@ -137,7 +137,7 @@ class SCM(Method):
 
     def teacher_velocity(self, x, s, cond) -> torch.Tensor:
         B = x.shape[0]
-        v_u, v_c = self.v(self.teacher, torch.cat([x, x]), torch.cat([s, s]), self.backbone.uncond(B).cat(cond)).chunk(2)
+        v_u, v_c = self.teacher_cfg(x, s, cond)
         return v_u + self.config.guidance * (v_c - v_u)
 
     def train_step(self, batch: Batch, step: int, update: Update) -> StepOutput:
