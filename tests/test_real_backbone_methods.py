@@ -89,8 +89,11 @@ def test_dmd2_gan_and_cd_read_the_image_folder_on_tiny_sd3(tiny_sd3_dir, tmp_pat
 
 
 def test_dmd2_gan_without_real_data_is_one_clear_line(tiny_sd3_dir, tmp_path):  # noqa: F811
+    prompts = tmp_path / "prompts.txt"  # sd3 has no training prompts of its own (checked first)
+    prompts.write_text("a red apple\na blue car\n")
     res = subprocess.run([sys.executable, "-m", "cdmbench.cli", "train", "dmd2", "--arch", "sd3", "--model",
-                          str(tiny_sd3_dir), "--workspace", str(tmp_path), "--set", "backbone.resolution=32"],
+                          str(tiny_sd3_dir), "--workspace", str(tmp_path), "--set", "backbone.resolution=32",
+                          "--set", f"train.prompts={prompts}"],
                          capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
                                                               "PYTHONPATH": ":".join(sys.path)})
     assert res.returncode == 2, res.stderr[-2000:]
@@ -102,8 +105,10 @@ def test_dmd2_gan_without_real_data_is_one_clear_line(tiny_sd3_dir, tmp_path):  
 
 
 def test_sd3_without_weights_is_one_clear_line(tmp_path):
+    prompts = tmp_path / "prompts.txt"  # sd3 has no training prompts of its own (checked first)
+    prompts.write_text("a red apple\na blue car\n")
     res = subprocess.run([sys.executable, "-m", "cdmbench.cli", "train", "cdm", "--arch", "sd3", "--workspace",
-                          str(tmp_path)], capture_output=True, text=True,
+                          str(tmp_path), "--set", f"train.prompts={prompts}"], capture_output=True, text=True,
                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path / "hf")})
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
