@@ -295,7 +295,7 @@ def report(
     results: Optional[Path] = typer.Option(None, "--results", help="Results file (default WORKSPACE/eval/results.csv)."),
     out: Path = typer.Option(Path("reports"), "--out", help="Report folder."),
     title: str = typer.Option("cdmbench report", "--title", help="Title of the report's markdown page."),
-    grid: bool = typer.Option(True, "--grid/--no-grid", help="Draw the sample grid from the results folder's "
+    grid: bool = Flag(True, "--grid/--no-grid", help="Draw the sample grid from the results folder's "
                               "image manifest (--no-grid: a results file without its images)."),
 ):
     """Write markdown tables, plots, an image grid and CSV pivots from the results, under a header (command,
