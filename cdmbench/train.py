@@ -280,7 +280,10 @@ class HealthLog:
     def close(self):
         if self.enabled:
             self.file.close()
-            self.accelerator.end_training()
+            # the trackers only: ``Accelerator.end_training`` also destroys the process group, which on the main
+            # process alone breaks the other ranks (and any later run in this process)
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
 
 
 class SampleGrid:
