@@ -121,6 +121,7 @@ def run_bench(
     Returns:
         The path of report.md.
     """
+    from cdmbench.accel import select_device
     from cdmbench.backbones import BACKBONES
     from cdmbench.eval.harness import EvalConfig, run_eval
     from cdmbench.methods import METHODS
@@ -165,7 +166,7 @@ def run_bench(
         "wall minutes": bench_log(Path(cfg.out_dir), started, [n for n, (_, how) in trained.items() if how != "kept"
                                                                and not how.startswith("kept;")],
                                   _manifest_rows(Path(cfg.out_dir)) - images_before),
-        "eval": f"steps {', '.join(map(str, steps))}; every kept checkpoint (EMA); device {cfg.device}",
+        "eval": f"steps {', '.join(map(str, steps))}; every kept checkpoint (EMA); device {select_device(cfg.device)}",
     }
     if overrides:
         header["overrides"] = ", ".join(f"{k}={v}" for k, v in sorted(overrides.items()))

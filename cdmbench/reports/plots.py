@@ -228,7 +228,8 @@ def plot_vs_compute(curve, t: MetricTable, out_path: str | os.PathLike) -> Path:
         ax.grid(True, alpha=0.3)
         if i == 0:
             ax.set_ylabel(f"{display_name(t)} {arrow(t.higher_is_better)}".strip())
-    fig.suptitle(plot_title(t, " vs training compute"), fontsize=11)
+    fig.suptitle(plot_title(t, " vs training compute") + "\nmean over training seeds at each kept checkpoint (EMA); "
+                 "no intervals: read trends, not single points", fontsize=10)
     fig.legend(list(handles.values()), list(handles.keys()), loc="center left", bbox_to_anchor=(1.0, 0.5),
                frameon=False, fontsize=9)
     fig.tight_layout()
