@@ -6,8 +6,8 @@ the harness calls it once per source and nothing here calls back into the harnes
 A sample's identity is (prompt id, seed) (style.md principle 8; EDM ``generate.py``): its initial noise
 comes from its own generator, so it is the same at any batch size, on any shard, for every method and
 step count. The phase is resumable: an image whose manifest line (same weights hash, σ grid, CFG and
-prompt) and file are both present is never generated again. A PNG is written atomically before its
-manifest line, so a kill at any point leaves at worst one image to redo.
+prompt) and file are both present is never generated again. A batch's PNGs are written atomically before
+its manifest lines (appended at once), so a kill at any point leaves at worst one batch to redo.
 
 Layout under the eval folder ``OUT``::
 
@@ -81,28 +81,42 @@ def shard(items: Sequence, process_index: int, num_processes: int) -> list:
 
 
 class Manifest:
-    """Append-only JSON lines; appends from several processes are serialised by an advisory lock."""
+    """Append-only JSON lines; appends from several processes are serialised by an advisory lock.
+
+    ``read`` parses only what was appended since its last call (a bench's manifest holds ~100k lines and is
+    read once per plan); a file that shrank or was replaced is read again from the start."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self._records: dict[str, dict] = {}
+        self._at: tuple[int, int, int] | None = None  # (inode, byte offset past the last complete line, lines)
 
     def read(self) -> dict[str, dict]:
-        """Image path → its last record.
+        """Image path → its last record (a copy).
 
         A line that is not a JSON record with a ``path`` (torn by a kill, or damaged) is skipped with one
         warning: its image counts as missing and is generated again. A torn *final* line is an append in
-        progress (or cut short) and is skipped silently.
+        progress (or cut short): it is skipped silently and parsed once its newline is there.
         """
-        if not self.path.is_file():
-            return {}
         try:
-            text = self.path.read_bytes().decode("utf-8", errors="replace")
+            st = self.path.stat()
+        except FileNotFoundError:
+            self._records, self._at = {}, None
+            return {}
         except OSError as e:
             raise CorruptStateError(f"cannot read image manifest {self.path} ({e})") from None
-        lines = text.split("\n")
-        out: dict[str, dict] = {}
+        if self._at is None or self._at[0] != st.st_ino or st.st_size < self._at[1]:
+            self._records, self._at = {}, (st.st_ino, 0, 0)
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._at[1])
+                chunk = f.read()
+        except OSError as e:
+            raise CorruptStateError(f"cannot read image manifest {self.path} ({e})") from None
+        complete = chunk.rfind(b"\n") + 1  # the final line without a newline is a write in progress
         bad: list[int] = []
-        for i, line in enumerate(lines):
+        lines = chunk[:complete].decode("utf-8", errors="replace").split("\n")[:-1]
+        for i, line in enumerate(lines, start=self._at[2]):
             if not line.strip():
                 continue
             try:
@@ -110,18 +124,22 @@ class Manifest:
                 if not isinstance(record, dict) or not isinstance(record.get("path"), str):
                     raise ValueError("not a record")
             except ValueError:
-                if i < len(lines) - 1:  # the final line without a newline is a write in progress
-                    bad.append(i + 1)
+                bad.append(i + 1)
                 continue
-            out[record["path"]] = record
+            self._records[record["path"]] = record
+        self._at = (self._at[0], self._at[1] + complete, self._at[2] + len(lines))
         if bad:
             logger.warning("image manifest %s: ignoring %d unreadable line(s) (line %s); their images are "
                            "generated again", self.path, len(bad), ", ".join(map(str, bad[:5])))
-        return out
+        return dict(self._records)
 
     def append(self, record: dict) -> None:
+        self.append_many([record])
+
+    def append_many(self, records: Sequence[dict]) -> None:
+        """Append records under one lock and one fsync (a generation batch's images)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        line = (json.dumps(record, sort_keys=True) + "\n").encode()
+        line = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode()
         with open(self.path, "ab") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
@@ -238,7 +256,8 @@ def generate_images(
 
     Each batch draws per-sample noise from ``StackedGenerator.for_samples([(prompt_id, seed), ...])`` and
     passes the same generator to the sampler (stochastic samplers re-noise from it), then decodes,
-    writes each PNG atomically and appends its manifest line.
+    writes each PNG atomically and appends the batch's manifest lines at once (a kill leaves at worst one
+    batch's images without their lines: they are generated again).
     """
     written = 0
     for chunk in batched(todo, batch_size):
@@ -246,6 +265,7 @@ def generate_images(
         noise = rng.randn(tuple(backbone.latent_shape), device=backbone.device)
         cond = backbone.encode_prompts([p.text for p, _ in chunk])
         pixels = to_uint8(backbone.decode(sampler.sample(noise, cond, plan.steps, rng)))
+        records = []
         for (prompt, seed), px in zip(chunk, pixels):
             rel = image_relpath(plan.run, plan.steps, prompt.id, seed)
             write_png(out / rel, px)
@@ -258,12 +278,13 @@ def generate_images(
                 "pixels_sha256": pixels_sha256(px), "process_index": process_index,
                 "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }
-            manifest.append(record)
-            written += 1
-            if advance is not None:
-                advance(1)
-            if on_image is not None:
-                on_image(record)
+            records.append(record)
+        manifest.append_many(records)  # one lock and fsync per batch
+        written += len(records)
+        if advance is not None:
+            advance(len(records))
+        for record in records if on_image is not None else ():
+            on_image(record)
     return written
 
 
