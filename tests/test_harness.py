@@ -136,14 +136,14 @@ def test_a_killed_generation_resumes_with_only_the_missing_images(workspace, ref
 
         return hook, seen
 
-    hook, first = die_after(7)  # mid-batch: 7 of a batch of 4 + 3
+    hook, first = die_after(7)  # after the second batch's lines (a batch of 4 is appended at once), mid-hooks
     with pytest.raises(Kill):
         run_eval(killed, on_image=hook)
     assert not (Path(killed.out) / "results.csv").exists()
     mtimes = {p: os.stat(Path(killed.out) / p).st_mtime_ns for p in first}
     again = []
     path = run_eval(killed, on_image=lambda r: again.append(r["path"]))
-    assert len(again) == 72 - 7 and not set(again) & set(first)
+    assert len(again) == 72 - 8 and not set(again) & set(first)  # the 8th image's line was written with its batch
     assert all(os.stat(Path(killed.out) / p).st_mtime_ns == t for p, t in mtimes.items())
     assert_same_rows(df, read_results(path))
 
@@ -248,3 +248,30 @@ def test_bench_keeps_finished_runs_and_reports_command_versions_and_times(worksp
     assert "global batch (processes × batch × accumulation)" in text and "(1 × 2 × 1), lr student" in text
     df = read_results(workspace / "eval" / "bench-toy" / "results.csv")
     assert set(df.run) == {"teacher-toy", "cdm-toy-s0", "dmd-toy-s0"}
+
+
+def test_matched_bench_trains_every_method_to_the_reference_compute(tmp_path):
+    """--compute matched --reference dmd2: dmd2 at its (tiny) preset, cdm from scratch to dmd2's mean compute;
+    one eval folder named by the budget; curves from training seed 0 only; the header says the protocol."""
+    from cdmbench.bench import budget_tag, run_bench
+    from cdmbench.io import read_json
+
+    ws = tmp_path / "ws"
+    over = {"train.steps": "2", "train.batch_size": "2", "warmup": "0", "train.log_every": "1"}
+    report = run_bench("toy", ["dmd2", "cdm"], [1], ws, tmp_path / "report", [0], ["cdmbench", "bench"],
+                       train_seeds=[0, 1], compute="matched", reference="dmd2", overrides=over, num_prompts=4,
+                       teacher_steps=(1,), metrics=("attr_acc",), progress=False)
+    budget = sum(read_json(ws / "runs" / f"dmd2-toy-s{s}" / "done.json")["compute"]["train_tflops"]
+                 for s in (0, 1)) / 2
+    tag = budget_tag(budget)
+    for s in (0, 1):
+        done = read_json(ws / "runs" / f"cdm-toy-s{s}-{tag}" / "done.json")
+        spent, per_iter = done["compute"]["train_tflops"], done["compute"]["train_tflops"] / done["steps"]
+        assert done["stopped_by"] == f"budget_tflops={budget!r}" and budget <= spent < budget + per_iter
+    df = read_results(ws / "eval" / f"bench-toy-{tag}" / "results.csv")
+    assert set(df.run) == {"teacher-toy", "dmd2-toy-s0", "dmd2-toy-s1", f"cdm-toy-s0-{tag}", f"cdm-toy-s1-{tag}"}
+    kept = df[df.status == "ok"].groupby("run")["train_step"].nunique()
+    assert kept["dmd2-toy-s0"] == 2 and kept["dmd2-toy-s1"] == 1  # every kept checkpoint of seed 0 only
+    text = report.read_text()
+    assert f"every method trained to **{budget:.3g} TFLOPs**" in text and "the mean of **dmd2**" in text
+    assert "iterations (mean per run)" in text and "dmd2 2" in text

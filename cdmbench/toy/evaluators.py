@@ -20,6 +20,8 @@ them from a seed with ``cdmbench toy train-evaluators --out-dir cdmbench/assets`
 
 from __future__ import annotations
 
+import functools
+
 import hashlib
 import json
 import logging
@@ -313,9 +315,11 @@ def load_toy_clip(path: str | Path | None = None) -> tuple[nn.Module, ToyClipPre
 # What the toy backbone declares to the eval layer (``ToyBackbone.evaluators``; cdmbench.types.Evaluators).
 
 
+@functools.lru_cache(maxsize=4)
 def fid_features(device: str = "cpu"):
     """The toy FID feature space: ``ShapeClassifier.features`` and the shipped reference statistics, which
-    must come from the same classifier file (``extractor_sha256``)."""
+    must come from the same classifier file (``extractor_sha256``). One per device and process: every
+    feature-space metric shares the extractor (and a batch's features, ``FeatureSet.update``)."""
     import numpy as np
 
     from cdmbench.eval.metrics.fid import FIDFeatures, ReferenceStats

@@ -94,6 +94,7 @@ PRDC_REFERENCE_ENV = "CDMBENCH_PRDC_REF"
 # images per prompt (``Evaluators.references``) gives real images of the same captions; otherwise the features
 # of a fixed folder of real images.
 ReferenceFeatures = Callable[[list[str], list], np.ndarray]
+_REFERENCE_CACHE: dict[tuple, tuple] = {}  # (extractor id, protocol, reference, captions, attrs) → (extractor, features)
 
 
 class _PRDCMetric(FeatureSet):
@@ -106,9 +107,6 @@ class _PRDCMetric(FeatureSet):
         self.feature_extractor, self.reference, self.k = feature_extractor, reference, k
         self.protocol = f"{self.which}|prdc-k={k}|{protocol}"
         self.reset()
-
-    def extract(self, images, prompts):
-        return self.feature_extractor(images).detach().double().cpu().numpy()
 
     def compute(self) -> MetricResult:
         fake = self.features()
@@ -139,6 +137,14 @@ class _PRDCMetric(FeatureSet):
             real: ReferenceImages = evaluators.references(options.device)
 
             def reference(prompts, attrs):
+                # the four PRDC metrics of every image set of an eval ask for the same captions' features
+                key = (id(extractor), protocol, real.name, tuple(prompts), tuple(attrs))
+                if key not in _REFERENCE_CACHE:
+                    _REFERENCE_CACHE.clear()  # one caption list at a time (an eval's sets share it)
+                    _REFERENCE_CACHE[key] = (extractor, same_captions(prompts, attrs))  # held: its id stays its own
+                return _REFERENCE_CACHE[key][1]
+
+            def same_captions(prompts, attrs):
                 counts: dict[tuple, int] = {}
                 for p, a in zip(prompts, attrs):
                     counts[(p, a)] = counts.get((p, a), 0) + 1

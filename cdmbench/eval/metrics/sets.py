@@ -40,6 +40,9 @@ class ReferenceImages:
     name: str
 
 
+_BATCH: dict = {}  # the last batch of images: (extract, extractor id) → (extractor, its features)
+
+
 class FeatureSet(Metric):
     """Accumulates per-image feature rows (``self.extract(images, prompts) -> (B, F)``) with their prompt
     texts and attribute labels (``Prompt.meta[ATTRS]`` or None); subclasses implement ``compute`` from
@@ -53,12 +56,21 @@ class FeatureSet(Metric):
         self.attrs: list[tuple | None] = []
 
     def extract(self, images: torch.Tensor, prompts: list[Prompt]) -> np.ndarray:
-        raise NotImplementedError
+        """(B, F) features; by default ``self.feature_extractor``'s (the backbone's FID feature space)."""
+        return self.feature_extractor(images).detach().double().cpu().numpy()
 
     @torch.no_grad()
     def update(self, images: torch.Tensor, prompts: Sequence[PromptLike]) -> None:
         prompts = check_batch(images, prompts)
-        f = np.asarray(self.extract(images, prompts), dtype=np.float64)
+        # the feature-space metrics (PRDC's four numbers, Vendi, the teacher distances) extract one batch alike
+        held = getattr(self, "feature_extractor", self)
+        key = (type(self).extract, id(held))
+        if _BATCH.get("images") is not images or _BATCH.get("version") != images._version:
+            _BATCH.clear()
+            _BATCH.update(images=images, version=images._version)
+        if key not in _BATCH:
+            _BATCH[key] = (held, np.asarray(self.extract(images, prompts), dtype=np.float64))  # held: ids stay
+        f = _BATCH[key][1]
         if f.ndim != 2 or f.shape[0] != images.shape[0]:
             raise CdmbenchError(f"{type(self).__name__}: feature extractor returned {f.shape} for {images.shape[0]} images")
         self._feats.append(f)

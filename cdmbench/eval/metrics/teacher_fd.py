@@ -71,9 +71,6 @@ class _TeacherFeatures(FeatureSet):
         super().reset()
         self._teacher: list[np.ndarray] = []
 
-    def extract(self, images, prompts):
-        return self.feature_extractor(images).detach().double().cpu().numpy()
-
     @torch.no_grad()
     def update_teacher(self, images: torch.Tensor) -> None:
         """The teacher's images (B, 3, H, W) for the items of the matching ``update`` call, in the same order."""

@@ -67,9 +67,6 @@ class Vendi(FeatureSet):
         self.protocol = f"vendi|q=1|cosine|{protocol}|per-prompt-mean"
         self.reset()
 
-    def extract(self, images, prompts):
-        return self.feature_extractor(images).detach().double().cpu().numpy()
-
     def compute(self) -> MetricResult:
         f = self.features()
         groups = self.require_seeds()
