@@ -27,6 +27,9 @@ class TrainConfig:
     ema_decay: float = 0.999  # student EMA: decay_k = min((1+k)/(10+k), ema_decay), k = student updates
     grad_clip: float = 1.0  # max global grad norm per optimiser step (0 disables)
     checkpoint_every: int = 100  # iterations between checkpoints (the final one is always written)
+    # also a checkpoint after the iteration whose counted compute crosses a multiple of this (0 = off): evenly
+    # spaced learning-curve points for a run stopped by budget_tflops, whose iteration count is not known ahead
+    checkpoint_every_tflops: float = 0.0
     keep_checkpoints: int = 2  # how many recent checkpoints to keep on disk
     log_every: int = 10  # iterations between health-log rows
     mixed_precision: str = "no"  # no | bf16 | fp16 (accelerate autocast); losses stay fp32
@@ -52,6 +55,9 @@ class TrainConfig:
             raise CdmbenchError("train.prompts: empty path; pass a prompt file or leave it unset")
         if not (isinstance(self.budget_tflops, (int, float)) and self.budget_tflops >= 0):
             raise CdmbenchError(f"train.budget_tflops must be a number >= 0 (0 = no compute budget), got {self.budget_tflops!r}")
+        if not (isinstance(self.checkpoint_every_tflops, (int, float)) and self.checkpoint_every_tflops >= 0):
+            raise CdmbenchError("train.checkpoint_every_tflops must be a number >= 0 (0 = iterations only), "
+                                f"got {self.checkpoint_every_tflops!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise CdmbenchError(f"train.mixed_precision must be one of no, bf16, fp16; got {self.mixed_precision!r}")
         if not 0 <= self.ema_decay < 1:

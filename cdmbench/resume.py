@@ -28,6 +28,7 @@ CONFIG = "config.json"
 FINISHED = "done.json"
 # Keys ("group.field") whose change on --resume --force keeps the run the same run.
 SAFE_TO_CHANGE = frozenset({"train.steps", "train.budget_tflops", "train.log_every", "train.checkpoint_every",
+                            "train.checkpoint_every_tflops",
                             "train.keep_checkpoints",
                             "train.data_cache", "backbone.device"})
 _NOT_COMPARED = frozenset({"cdmbench_version", "torch", "world_size", "as_run"})  # facts, not settings

@@ -18,6 +18,7 @@ import csv
 import dataclasses
 import hashlib
 import logging
+import math
 import random
 import time
 from contextlib import contextmanager
@@ -505,6 +506,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, force: b
             if tc.budget_tflops and r.meter.flops() >= tc.budget_tflops * 1e12:
                 budget_hit = step  # a resumed run that had already spent its budget
                 break
+            before = r.meter.flops()
             losses = _iteration(r, step, running)
             if step % tc.log_every == 0 or step == tc.steps - 1:
                 _log(r, step, running)
@@ -512,7 +514,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, force: b
             bar.update(task, completed=step + 1)
             # the compute budget: stop after the first iteration that reaches it (overshoot < one iteration)
             spent = bool(tc.budget_tflops) and r.meter.flops() >= tc.budget_tflops * 1e12
-            if (step + 1) % tc.checkpoint_every == 0 or step + 1 == tc.steps or spent:
+            if (step + 1) % tc.checkpoint_every == 0 or step + 1 == tc.steps or spent or _crossed(
+                    before, r.meter.flops(), tc.checkpoint_every_tflops * 1e12):
                 final = _save(r, step + 1)
             if spent:
                 budget_hit = step + 1
@@ -524,6 +527,11 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, force: b
                                stopped_by="iterations" if budget_hit is None else f"budget_tflops={tc.budget_tflops}",
                                compute=r.meter.totals(r.minutes()))
     return Path(r.players.last_good) if final is None else final
+
+
+def _crossed(before: float, after: float, every: float) -> bool:
+    """Whether the counted compute crossed a multiple of ``every`` FLOPs in this iteration (0 = never)."""
+    return every > 0 and math.floor(after / every) > math.floor(before / every)
 
 
 # ------------------------------------------------------------------------------------------------

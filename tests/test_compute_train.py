@@ -86,6 +86,21 @@ def test_budget_stops_within_one_iteration(hand, tmp_path):
     assert read_json(tmp_path / "b" / COMPUTE_FILE)["step"] == 3  # the budget's checkpoint is written
 
 
+def test_checkpoints_at_every_crossed_share_of_the_compute(hand, tmp_path):
+    from cdmbench.checkpoint import CKPT_DIR
+
+    train(hand_cfg(1), tmp_path / "one", progress=False)
+    per_iter = read_json(tmp_path / "one" / COMPUTE_FILE)["train_tflops"]  # every iteration costs the same
+    budget = 9.5 * per_iter  # crossings of budget/4 = 2.375 iterations: after iterations 3, 5, 8, and the budget's 10
+    train(hand_cfg(50, **{"train.budget_tflops": budget, "train.checkpoint_every": 50,
+                          "train.checkpoint_every_tflops": budget / 4, "train.keep_checkpoints": 10}),
+          tmp_path / "b", progress=False)
+    kept = {int(c.name.split("_")[1]): c for c in (tmp_path / "b" / CKPT_DIR).glob("step_*")}
+    assert sorted(kept) == [3, 5, 8, 10]
+    for step, folder in kept.items():  # each is the first iteration at or past its share of the budget
+        assert read_json(folder / "meta.json")["compute"]["train_tflops"] == pytest.approx(step * per_iter)
+
+
 def test_resumed_run_keeps_its_compute_totals(hand, tmp_path):
     cfg = hand_cfg(4)
     train(cfg, tmp_path / "straight", progress=False)
