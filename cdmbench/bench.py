@@ -1,4 +1,4 @@
-"""``cdmbench bench``: train every method at its default budget on one backbone, evaluate, report.
+"""``cdmbench bench``: train every method on one backbone (at its default or at a matched budget), evaluate, report.
 
 Runs: one per (method, training seed) in ``WORKSPACE/runs/<method>-<arch>-s<seed>``, with
 ``resolve_config(method, arch)`` (the method's preset for the arch) plus ``train.seed`` and the bench's
@@ -9,12 +9,23 @@ count, ``<method>-<arch>-<field><steps>-s<seed>``; the report shows them as one 
 picks up where it stopped. The eval (``WORKSPACE/eval/bench-<arch>``, every kept checkpoint) and the report
 are cached and rebuilt the same way.
 
-``match_compute``: the reference budget is the **smallest** mean training compute of any method at its
-default budget (TFLOPs counted by the loop, mean over its runs), so no method trains longer than its own
-default and every method gets what the cheapest one spent. Each costlier run is continued from its last
-kept checkpoint under that budget into ``<run>-matched`` (the same iterations as the original up to there:
-the same seed, data order and RNG states), stops within one iteration of the budget, and is evaluated into
-``WORKSPACE/eval/bench-<arch>-matched``; the cheapest method's own runs stand for themselves.
+``compute`` (``ComputeProtocol``) sets the budgets:
+
+- ``default``: every method at its own preset budget (iterations); costs differ by method.
+- ``matched``: every method gets the same training compute, counted by the loop (TFLOPs): ``budget_tflops``,
+  or the mean compute of the ``reference`` method's runs at its preset budget (trained first, under their
+  usual names). Every other run trains from scratch until its counted compute reaches the budget (it stops
+  within one iteration of it; ``train.steps`` is raised tenfold so the budget, not the iteration count,
+  ends it) into ``<run>-<budget>tf``, with a checkpoint each time it crosses a quarter of the budget (the
+  learning-curve points at equal compute). One table, the main one.
+- ``both``: the preset budgets (main table), plus a second table at the compute of the **cheapest** method
+  at its preset budget: each costlier run is continued from its last kept checkpoint under that budget into
+  ``<run>-matched`` (the same iterations as the original up to there: the same seed, data order and RNG
+  states) and evaluated into ``WORKSPACE/eval/bench-<arch>-matched``.
+
+Learning curves: the runs of the first training seed are scored at every kept checkpoint (``curve_checkpoints``
+are kept per run); every other run at its latest, which is what the tables use. The curves cost a quarter
+of the eval they would cost on every seed, and the plots say which seed they show.
 
 ``jobs``: independent runs train in that many worker processes at once, and the eval's generation is split
 over as many (the harness's ``process_index``/``num_processes`` shares of one eval folder); each worker gets
@@ -31,12 +42,22 @@ import os
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from enum import Enum
 from pathlib import Path
 
-from cdmbench.errors import CdmbenchError
+from cdmbench.errors import CdmbenchError, UnknownNameError
 
 CURVE_CHECKPOINTS = 4  # checkpoints kept per bench run (learning curves)
+BUDGET_STEPS_FACTOR = 10  # a run stopped by its compute budget may run this many times its preset iterations
+
+
+class ComputeProtocol(str, Enum):
+    """How the bench sets each method's training budget (see the module docstring)."""
+
+    DEFAULT = "default"
+    MATCHED = "matched"
+    BOTH = "both"
 
 
 @dataclass(frozen=True)
@@ -81,6 +102,29 @@ def bench_config(run: BenchRun, arch: str, curve_checkpoints: int = CURVE_CHECKP
     return resolve_config(run.method, arch, over)
 
 
+def budget_config(run: BenchRun, arch: str, budget: float, curve_checkpoints: int = CURVE_CHECKPOINTS):
+    """The run's config trained to ``budget`` TFLOPs: stopped by the budget (``train.steps`` raised
+    ``BUDGET_STEPS_FACTOR``-fold), a checkpoint each ``budget / curve_checkpoints`` TFLOPs, that many kept."""
+    from cdmbench.paths import MAX_TRAIN_STEPS
+    from cdmbench.run import resolve_config
+
+    if not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget > 0):
+        raise CdmbenchError(f"budget_tflops must be a positive number, got {budget!r}")
+    over = dict(run.overrides)
+    steps = min(MAX_TRAIN_STEPS, BUDGET_STEPS_FACTOR * resolve_config(run.method, arch, over).train.steps)
+    over.setdefault("train.steps", str(steps))
+    over.setdefault("train.checkpoint_every", over["train.steps"])  # the compute cadence sets the curve points
+    over.update({"train.budget_tflops": repr(float(budget)),
+                 "train.checkpoint_every_tflops": repr(float(budget) / curve_checkpoints)})
+    over.setdefault("train.keep_checkpoints", str(curve_checkpoints))
+    return resolve_config(run.method, arch, over)
+
+
+def budget_tag(budget: float) -> str:
+    """The run-name suffix of a budget: '3.39tf'."""
+    return f"{budget:.3g}tf"
+
+
 def run_bench(
     arch: str,
     methods: list[str] | None,
@@ -91,7 +135,9 @@ def run_bench(
     argv: list[str],
     *,
     train_seeds: list[int] = (0,),
-    match_compute: bool = False,
+    compute: str = "default",
+    reference: str | None = None,
+    budget_tflops: float | None = None,
     overrides: dict[str, str] | None = None,
     curve_checkpoints: int = CURVE_CHECKPOINTS,
     num_prompts: int | None = None,
@@ -100,7 +146,8 @@ def run_bench(
     progress: bool = True,
     jobs: int = 1,
 ) -> Path:
-    """Train (or keep/resume) every run, evaluate every kept checkpoint with the teacher, write the report.
+    """Train (or keep/resume) every run, evaluate it with the teacher (the first training seed at every kept
+    checkpoint), write the report.
 
     Args:
         arch: registered backbone name.
@@ -111,9 +158,11 @@ def run_bench(
         seeds: eval seeds per prompt.
         argv: the command line, shown in the report header.
         train_seeds: training seeds (one run per method and seed).
-        match_compute: also train/evaluate every method at the same compute (see the module docstring).
+        compute: "default", "matched" or "both" (``ComputeProtocol``; the module docstring).
+        reference: with "matched": the method whose preset-budget compute (mean over its runs) is the budget.
+        budget_tflops: with "matched": the budget itself (instead of ``reference``).
         overrides: ``--set`` overrides applied to every run (e.g. ``train.steps=40`` for a quick bench).
-        curve_checkpoints: checkpoints kept and evaluated per run (the learning curve's points).
+        curve_checkpoints: checkpoints kept per run (the learning curve's points).
         num_prompts, teacher_steps, metrics: narrow the eval (``EvalConfig`` fields); None = its defaults.
         progress: progress bars.
         jobs: worker processes for training and generation (see the module docstring); 1 = in this process.
@@ -123,7 +172,7 @@ def run_bench(
     """
     from cdmbench.accel import select_device
     from cdmbench.backbones import BACKBONES
-    from cdmbench.eval.harness import EvalConfig, run_eval
+    from cdmbench.eval.harness import EvalConfig
     from cdmbench.methods import METHODS
     from cdmbench.reports import build_report
 
@@ -135,28 +184,48 @@ def run_bench(
         raise CdmbenchError(f"jobs: expected an integer in [1, 64], got {jobs!r}")
     if not train_seeds or len(set(train_seeds)) != len(train_seeds) or min(train_seeds) < 0:
         raise CdmbenchError(f"train_seeds: expected distinct integers >= 0, got {list(train_seeds)}")
+    compute = _check_protocol(compute, reference, budget_tflops, names)
     runs = bench_runs(arch, names, list(steps), list(train_seeds), overrides)
-    configs = {r.name: bench_config(r, arch, curve_checkpoints) for r in runs}  # bad overrides fail before any training
+    fixed = [r for r in runs if compute is not ComputeProtocol.MATCHED or r.method == reference]
+    budgeted = [r for r in runs if r not in fixed]
+    configs = {r.name: bench_config(r, arch, curve_checkpoints) for r in fixed}  # bad overrides fail before any training
+    for r in budgeted:
+        budget_config(r, arch, budget_tflops or 1.0, curve_checkpoints)
     workspace, out = Path(workspace), Path(out)
     started = time.time()
-    trained = dict(zip([r.name for r in runs], in_workers(
-        train_or_keep, [(configs[r.name], workspace / "runs" / r.name, progress and jobs == 1) for r in runs], jobs)))
+    trained = _train_all(fixed, configs, workspace, progress, jobs)
+    budget, protocol = None, "every method at its default budget (iterations)"
+    if budgeted:
+        budget = budget_tflops if budget_tflops is not None else _mean_tflops(fixed, workspace)
+        budgeted = [replace(r, name=f"{r.name}-{budget_tag(budget)}") for r in budgeted]
+        configs.update({r.name: budget_config(r, arch, budget, curve_checkpoints) for r in budgeted})
+        trained.update(_train_all(budgeted, configs, workspace, progress, jobs))
+        protocol = (f"matched compute: every method trained to **{budget:.3g} TFLOPs** (counted by the loop), "
+                    + (f"the mean of **{reference}** at its default budget; " if reference else "")
+                    + "each run stops within one iteration of it (main table)")
+    runs = fixed + budgeted
     t_eval = time.time()
+    out_name = f"bench-{arch}" + (f"-{budget_tag(budget)}" if budget is not None else "")
     cfg = EvalConfig(workspace=str(workspace), steps=tuple(steps), runs=tuple(r.name for r in runs),
-                     seeds=tuple(seeds), out=str(workspace / "eval" / f"bench-{arch}"), arch=arch,
-                     num_prompts=num_prompts, teacher_steps=teacher_steps, metrics=metrics, progress=progress,
-                     checkpoints="all")
+                     seeds=tuple(seeds), out=str(workspace / "eval" / out_name), arch=arch,
+                     num_prompts=num_prompts, teacher_steps=teacher_steps, metrics=metrics, progress=progress)
     images_before = _manifest_rows(Path(cfg.out_dir))
-    results = eval_in_workers(cfg, jobs)
+    curve_runs = tuple(r.name for r in runs if r.seed == train_seeds[0])
+    eval_in_workers(replace(cfg, runs=curve_runs, checkpoints="all"), jobs)  # the learning curves
+    results = eval_in_workers(cfg, jobs)  # every run's latest checkpoint: the tables
     eval_minutes = (time.time() - t_eval) / 60
     matched, note = None, ""
-    if match_compute:
+    if compute is ComputeProtocol.BOTH:
         matched, note = _match_compute(arch, runs, configs, workspace, cfg, progress, jobs)
     per_method: dict[str, list[float]] = {}
+    iterations: dict[str, list[int]] = {}
     for r in runs:
         per_method.setdefault(r.method, []).append(trained[r.name][0])
+        iterations.setdefault(r.method, []).append(_iterations(workspace / "runs" / r.name))
     kept = [n for n, (_, how) in trained.items() if how]
     header = {
+        "training budget": protocol,
+        "iterations (mean per run)": ", ".join(f"{m} {sum(v) / len(v):.0f}" for m, v in iterations.items()),
         "train minutes (mean per run)": ", ".join(f"{m} {sum(v) / len(v):.1f}" for m, v in per_method.items()),
         "runs": f"{len(runs)} ({len(kept)} kept or resumed: {', '.join(kept)})" if kept else str(len(runs)),
         "global batch (processes × batch × accumulation), learning rates": "; ".join(
@@ -166,12 +235,55 @@ def run_bench(
         "wall minutes": bench_log(Path(cfg.out_dir), started, [n for n, (_, how) in trained.items() if how != "kept"
                                                                and not how.startswith("kept;")],
                                   _manifest_rows(Path(cfg.out_dir)) - images_before),
-        "eval": f"steps {', '.join(map(str, steps))}; every kept checkpoint (EMA); device {select_device(cfg.device)}",
+        "eval": (f"steps {', '.join(map(str, steps))}; each run's latest checkpoint (EMA) in the tables, every kept "
+                 f"checkpoint of training seed {train_seeds[0]} in the learning curves; "
+                 f"device {select_device(cfg.device)}"),
     }
     if overrides:
         header["overrides"] = ", ".join(f"{k}={v}" for k, v in sorted(overrides.items()))
     return build_report(results, out, images_root=cfg.out_dir, title=f"cdmbench bench: {arch}", header=header,
                         matched_results=matched, matched_note=note, argv=argv)
+
+
+def _check_protocol(compute, reference, budget_tflops, names: list[str]) -> ComputeProtocol:
+    """The validated ``ComputeProtocol`` (one line naming the argument and its valid values otherwise)."""
+    try:
+        compute = ComputeProtocol(compute)
+    except ValueError:
+        raise CdmbenchError(f"compute: expected one of {', '.join(p.value for p in ComputeProtocol)}; "
+                            f"got {compute!r}") from None
+    if compute is not ComputeProtocol.MATCHED:
+        if reference is not None or budget_tflops is not None:
+            raise CdmbenchError("reference (--reference) / budget_tflops (--budget-tflops) set the budget of "
+                                f"--compute matched only; this bench is --compute {compute.value}")
+        return compute
+    if (reference is None) == (budget_tflops is None):
+        raise CdmbenchError("--compute matched needs exactly one of: --reference METHOD (its default-budget compute "
+                            f"is the budget; one of {', '.join(names)}) or --budget-tflops X")
+    if reference is not None and reference not in names:
+        raise UnknownNameError(f"--reference: {reference!r} is not a benched method; valid: {', '.join(names)}")
+    if budget_tflops is not None and not (isinstance(budget_tflops, (int, float)) and math.isfinite(budget_tflops)
+                                          and budget_tflops > 0):
+        raise CdmbenchError(f"--budget-tflops: expected a positive number of TFLOPs, got {budget_tflops!r}")
+    return compute
+
+
+def _train_all(runs: list[BenchRun], configs: dict, workspace: Path, progress: bool, jobs: int) -> dict:
+    """Run name → (train minutes, how) for every run (trained, resumed or kept), in ``jobs`` workers."""
+    return dict(zip([r.name for r in runs], in_workers(
+        train_or_keep, [(configs[r.name], workspace / "runs" / r.name, progress and jobs == 1) for r in runs], jobs)))
+
+
+def _mean_tflops(runs: list[BenchRun], workspace: Path) -> float:
+    values = [run_tflops(workspace / "runs" / r.name) for r in runs]
+    return sum(values) / len(values)
+
+
+def _iterations(run_dir: Path) -> int:
+    """The iterations a finished run trained (its done.json)."""
+    from cdmbench.io import read_json
+
+    return int(read_json(run_dir / "done.json").get("steps", 0))
 
 
 def bench_log(eval_dir: Path, started: float, trained: list[str], images: int) -> str:

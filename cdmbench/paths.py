@@ -109,3 +109,22 @@ def check_count(value: int | None, what: str, *, minimum: int = 1, maximum: int)
     if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
         raise CdmbenchError(f"{what} must be an integer in [{minimum}, {maximum}], got {value!r}")
     return value
+
+
+def check_int_tuple(name: str, values, minimum: int) -> None:
+    """A non-empty tuple of distinct integers >= ``minimum`` (one line naming ``name`` otherwise)."""
+    if not isinstance(values, tuple) or not values:
+        raise CdmbenchError(f"{name}: expected a non-empty tuple of integers, got {values!r}")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            raise CdmbenchError(f"{name}: every value must be an integer >= {minimum}, got {v!r}")
+    if len(set(values)) != len(values):
+        raise CdmbenchError(f"{name}: duplicate values in {values}")
+
+
+def check_name_tuple(name: str, values) -> None:
+    """A non-empty tuple of distinct, non-blank names (one line naming ``name`` otherwise)."""
+    if not isinstance(values, tuple) or not values or any(not str(v).strip() for v in values):
+        raise CdmbenchError(f"{name}: expected a non-empty tuple of names, got {values!r}")
+    if len(set(values)) != len(values):
+        raise CdmbenchError(f"{name}: duplicate names in {values}")

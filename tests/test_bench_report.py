@@ -2,6 +2,7 @@
 ranks, compute table, header facts, hidden n/a metrics, empty-cell reasons once; bench run naming."""
 
 import os
+import re
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -9,6 +10,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
+from cdmbench.errors import CdmbenchError  # noqa: E402
 from cdmbench.eval.items import load_items, save_items  # noqa: E402
 from cdmbench.eval.metrics.base import MetricResult  # noqa: E402
 from cdmbench.eval.results import append_rows  # noqa: E402
@@ -125,6 +127,55 @@ def test_bench_runs_one_per_seed_and_step_count_for_phase_methods():
     assert cfg.train.checkpoint_every == 10 and cfg.train.keep_checkpoints == 4
     three = bench_config(runs[3], "toy", curve_checkpoints=3)
     assert three.train.checkpoint_every == 14 and three.train.keep_checkpoints == 3
+
+
+def test_budget_config_lets_the_budget_stop_the_run_and_spaces_checkpoints_in_compute():
+    from cdmbench.bench import BUDGET_STEPS_FACTOR, bench_runs, budget_config, budget_tag
+
+    run = bench_runs("toy", ["cdm"], [1], [2])[0]
+    cfg = budget_config(run, "toy", 3.0)
+    assert cfg.train.steps == BUDGET_STEPS_FACTOR * 400  # cdm's toy preset: 400 iterations
+    assert cfg.train.budget_tflops == 3.0 and cfg.train.checkpoint_every_tflops == 0.75
+    assert cfg.train.checkpoint_every == cfg.train.steps and cfg.train.keep_checkpoints == 4 and cfg.train.seed == 2
+    capped = budget_config(bench_runs("toy", ["cdm"], [1], [0], {"train.steps": "7"})[0], "toy", 3.0, 2)
+    assert capped.train.steps == 7 and capped.train.checkpoint_every_tflops == 1.5  # an explicit --set wins
+    assert budget_tag(3.3904672194559997) == "3.39tf"
+    for bad in (0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(CdmbenchError, match="budget_tflops must be a positive number"):
+            budget_config(run, "toy", bad)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"compute": "fast"}, "compute: expected one of default, matched, both; got 'fast'"),
+    ({"compute": "matched"}, "--compute matched needs exactly one of: --reference METHOD"),
+    ({"compute": "matched", "reference": "cdm", "budget_tflops": 2.0}, "needs exactly one of"),
+    ({"compute": "matched", "reference": "cd"}, "--reference: 'cd' is not a benched method; valid: cdm, dmd2"),
+    ({"compute": "matched", "budget_tflops": -2.0}, "--budget-tflops: expected a positive number"),
+    ({"reference": "cdm"}, "set the budget of --compute matched only; this bench is --compute default"),
+    ({"compute": "both", "budget_tflops": 1.0}, "this bench is --compute both"),
+])
+def test_bench_protocol_errors_name_the_option_before_anything_is_written(kwargs, match, tmp_path):
+    from cdmbench.bench import run_bench
+
+    with pytest.raises(CdmbenchError, match=re.escape(match)):
+        run_bench("toy", ["cdm", "dmd2"], [1], tmp_path / "ws", tmp_path / "rep", [0], ["cdmbench"], **kwargs)
+    assert not (tmp_path / "ws").exists() and not (tmp_path / "rep").exists()
+
+
+def test_curves_come_from_the_runs_scored_at_several_checkpoints():
+    from cdmbench.reports.aggregate import _curves
+
+    rows = []
+    for run, seed, steps_kept in (("a-s0", 0, (10, 20, 30)), ("a-s1", 1, (30,)), ("b-s0", 0, (5, 10)), ("b-s1", 1, (10,))):
+        for st in steps_kept:
+            rows.append({"arch": "toy", "label": run[0], "run": run, "steps": 1, "metric": "fid", "status": "ok",
+                         "train_step": st, "train_tflops": st / 10, "train_seed": seed, "value": float(st + seed)})
+    curves = _curves(pd.DataFrame(rows))
+    assert set(zip(curves["label"], curves["train_step"])) == {("a", 10), ("a", 20), ("a", 30), ("b", 5), ("b", 10)}
+    assert set(curves["seeds"]) == {"0"} and set(curves["n_seeds"]) == {1}
+    assert curves.loc[(curves["label"] == "a") & (curves["train_step"] == 30), "value"].item() == 30.0  # seed 0 only
+    latest_only = _curves(pd.DataFrame([r for r in rows if r["train_step"] == 30]))
+    assert set(latest_only["seeds"]) == {"0,1"}  # no run has a curve: every run's point, over its seeds
 
 
 def test_matched_reference_is_the_cheapest_method():

@@ -22,7 +22,8 @@ from cdmbench.eval.generate import MANIFEST, Manifest, OnImage, generate_source,
 from cdmbench.eval.scoring import RESULTS, Scorer
 from cdmbench.eval.sources import FileHashes, Plan, resolve_sources
 from cdmbench.io import write_json
-from cdmbench.paths import MAX_BATCH, MAX_INT, MAX_PROMPTS, MAX_SEEDS, MAX_STEPS, check_count, check_device, check_name
+from cdmbench.paths import (MAX_BATCH, MAX_INT, MAX_PROMPTS, MAX_SEEDS, MAX_STEPS, check_count, check_device,
+                            check_int_tuple, check_name, check_name_tuple)
 from cdmbench.types import Prompt
 
 CHECKPOINT_MODES = ("latest", "all")
@@ -78,18 +79,18 @@ class EvalConfig:
     def __post_init__(self):
         if self.checkpoints not in CHECKPOINT_MODES:
             raise CdmbenchError(f"checkpoints: expected one of {', '.join(CHECKPOINT_MODES)}, got {self.checkpoints!r}")
-        _check_ints("steps", self.steps, minimum=1)
+        check_int_tuple("steps", self.steps, minimum=1)
         if self.teacher_steps is not None:
-            _check_ints("teacher_steps", self.teacher_steps, minimum=1)
-        _check_ints("seeds", self.seeds, minimum=0)
+            check_int_tuple("teacher_steps", self.teacher_steps, minimum=1)
+        check_int_tuple("seeds", self.seeds, minimum=0)
         if not str(self.workspace).strip():
             raise CdmbenchError("workspace: empty path")
         if self.runs is not None:
-            _check_names("runs", self.runs)
+            check_name_tuple("runs", self.runs)
         if self.metrics is not None:
             from cdmbench.eval.metrics import METRICS
 
-            _check_names("metrics", self.metrics)
+            check_name_tuple("metrics", self.metrics)
             for m in self.metrics:
                 if m not in METRICS:
                     raise UnknownNameError(f"metrics: unknown metric {m!r}; valid metrics: {', '.join(METRICS.names())}")
@@ -125,23 +126,6 @@ class EvalConfig:
     @property
     def out_dir(self) -> Path:
         return Path(self.out) if self.out else Path(self.workspace) / "eval"
-
-
-def _check_ints(name: str, values, minimum: int) -> None:
-    if not isinstance(values, tuple) or not values:
-        raise CdmbenchError(f"{name}: expected a non-empty tuple of integers, got {values!r}")
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-            raise CdmbenchError(f"{name}: every value must be an integer >= {minimum}, got {v!r}")
-    if len(set(values)) != len(values):
-        raise CdmbenchError(f"{name}: duplicate values in {values}")
-
-
-def _check_names(name: str, values) -> None:
-    if not isinstance(values, tuple) or not values or any(not str(v).strip() for v in values):
-        raise CdmbenchError(f"{name}: expected a non-empty tuple of names, got {values!r}")
-    if len(set(values)) != len(values):
-        raise CdmbenchError(f"{name}: duplicate names in {values}")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -162,9 +162,17 @@ def _pairs_and_ranks(cells: pd.DataFrame, datas: dict, boot: Bootstrap) -> tuple
 
 
 def _curves(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean value and compute per (arch, label, steps, metric, checkpoint) over the runs scored at more than one
+    checkpoint (``cdmbench bench`` scores its first training seed's; every run when none is), with the training
+    seeds they cover (``seeds``)."""
     ok = df[(df["status"] == "ok") & df["train_step"].notna() & df["train_tflops"].notna()]
+    checkpoints = ok.groupby("run")["train_step"].nunique()
+    if (checkpoints > 1).any():  # a run scored at its latest checkpoint only is no curve
+        ok = ok[ok["run"].isin(checkpoints[checkpoints > 1].index)]
     if ok.empty:
-        return pd.DataFrame(columns=["arch", "label", "steps", "metric", "train_step", "value", "train_tflops", "n_seeds"])
+        return pd.DataFrame(columns=["arch", "label", "steps", "metric", "train_step", "value", "train_tflops",
+                                     "n_seeds", "seeds"])
     g = ok.groupby(["arch", "label", "steps", "metric", "train_step"], sort=True)
+    seeds = lambda s: ",".join(str(int(v)) for v in sorted(s.dropna().unique()))  # noqa: E731
     return g.agg(value=("value", "mean"), train_tflops=("train_tflops", "mean"),
-                 n_seeds=("train_seed", "nunique")).reset_index()
+                 n_seeds=("train_seed", "nunique"), seeds=("train_seed", seeds)).reset_index()

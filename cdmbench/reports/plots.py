@@ -169,7 +169,7 @@ def plot_metric(t: MetricTable, out_path: str | os.PathLike, teacher_labels: set
 
 def plot_vs_compute(curve, t: MetricTable, out_path: str | os.PathLike) -> Path:
     """PNG: the metric against cumulative training TFLOPs, one panel per student step count, one line
-    per method through its evaluated checkpoints (mean over training seeds at each checkpoint); the
+    per method through its evaluated checkpoints (the mean over the curve's training seeds, named in the title); the
     teacher at its most-step setting as a dotted reference (marked at the edge when far off the students).
 
     Args:
@@ -228,7 +228,11 @@ def plot_vs_compute(curve, t: MetricTable, out_path: str | os.PathLike) -> Path:
         ax.grid(True, alpha=0.3)
         if i == 0:
             ax.set_ylabel(f"{display_name(t)} {arrow(t.higher_is_better)}".strip())
-    fig.suptitle(plot_title(t, " vs training compute") + "\nmean over training seeds at each kept checkpoint (EMA); "
+    seeds = sorted({v for s in (curve["seeds"].dropna() if "seeds" in curve else ()) for v in str(s).split(",") if v},
+                   key=int)
+    who = (f"training seed {seeds[0]}" if len(seeds) == 1 else
+           f"mean over training seeds {', '.join(seeds)}" if seeds else "mean over training seeds")
+    fig.suptitle(plot_title(t, " vs training compute") + f"\n{who} at each kept checkpoint (EMA); "
                  "no intervals: read trends, not single points", fontsize=10)
     fig.legend(list(handles.values()), list(handles.keys()), loc="center left", bbox_to_anchor=(1.0, 0.5),
                frameon=False, fontsize=9)
