@@ -57,7 +57,7 @@ def build_report(
         header: key → value facts shown under the title, after the ones read from the results
             (command, versions, date, n, prompt set, seeds, training seeds, global batch).
         grid_prompts, grid_seeds: the grid's columns: this many distinct prompts × seeds.
-        matched_results: a second results file of compute-matched runs (``cdmbench bench --match-compute``):
+        matched_results: a second results file of compute-matched runs (``cdmbench bench --compute both``):
             its own summary, ranking and results copy.
         matched_note: how the matched budget was chosen, shown above that section.
         argv: the command line for the header (default ``sys.argv``).
