@@ -54,8 +54,9 @@ def build_report(
         out_dir: where report.md, tables/, plots/ and the grid go (created; existing files replaced).
         images_root: folder with the generation manifest (or the manifest file); None = no grid.
         title: the report's H1.
-        header: key → value facts shown under the title, after the ones read from the results
-            (command, versions, date, n, prompt set, seeds, training seeds, global batch).
+        header: key → value facts shown under the title, after the ones read from the results (command, versions,
+            date, n, prompt set, seeds, training seeds, global batch); a callable value is called when the text is
+            rendered, after the aggregates, plots and grids.
         grid_prompts, grid_seeds: the grid's columns: this many distinct prompts × seeds.
         matched_results: a second results file of compute-matched runs (``cdmbench bench --compute both``):
             its own summary, ranking and results copy.
@@ -130,7 +131,9 @@ def build_report(
                                  grid_seeds, run_seeds)
             grids[arch] = name
     summaries = [tables.summary(frame, metric_tables, arch) for arch in dict.fromkeys(frame["arch"])]
-    facts = {**markdown.report_facts(df, eval_dir, sys.argv if argv is None else argv), **(header or {})}
+    # a callable header value is read now, after the aggregates, plots and grids (e.g. the bench's wall time)
+    facts = {**markdown.report_facts(df, eval_dir, sys.argv if argv is None else argv),
+             **{k: v() if callable(v) else v for k, v in (header or {}).items()}}
     text = markdown.render_report(title, facts, summaries, metric_tables, plot_paths, grids, agg=agg,
                                   compute_plots=compute_plots, matched=matched, hidden=hidden)
     report = out_dir / "report.md"
