@@ -352,7 +352,7 @@ def bench(
     budget_tflops: Optional[float] = typer.Option(None, "--budget-tflops", help="With --compute matched: the budget in counted training TFLOPs (instead of --reference)."),
     set_: List[str] = typer.Option([], "--set", help="Override a setting of every run: key=value (e.g. train.steps=40)."),
     num_prompts: Optional[int] = typer.Option(None, "--num-prompts", help="Evaluate the first N prompts."),
-    curve_checkpoints: int = typer.Option(4, "--curve-checkpoints", help="Checkpoints kept and evaluated per run (learning-curve points)."),
+    curve_checkpoints: int = typer.Option(4, "--curve-checkpoints", help="Checkpoints kept per run; the first training seed's are all evaluated (learning-curve points)."),
     jobs: int = typer.Option(1, "--jobs", help="Worker processes for training runs and image generation (CPU: up to the core count; each gets cores/jobs threads)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ):
