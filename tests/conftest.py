@@ -9,6 +9,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+# Under pytest-xdist (`-n N`) the workers share the cores: each gets its share of intra-op threads.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
+
 @pytest.fixture(scope="session")
 def toy():
     from cdmbench.backbones import build_backbone
