@@ -6,22 +6,17 @@ checkpoint cadence (4 checkpoints kept per run, for the learning curves). A meth
 trained for one step count (``Method.steps_field``, e.g. CD's phases) gets one run per evaluated step
 count, ``<method>-<arch>-<field><steps>-s<seed>``; the report shows them as one row. A finished run
 (``done.json``) is kept as it is, an unfinished one resumes from its latest checkpoint, so a killed bench
-picks up where it stopped. The eval (``WORKSPACE/eval/bench-<arch>``, every kept checkpoint) and the report
-are cached and rebuilt the same way.
+picks up where it stopped. The eval (``WORKSPACE/eval/bench-<arch>``, or ``bench-<arch>-<budget>tf`` at a matched
+budget) and the report are cached and rebuilt the same way.
 
-``compute`` (``ComputeProtocol``) sets the budgets:
-
-- ``default``: every method at its own preset budget (iterations); costs differ by method.
-- ``matched``: every method gets the same training compute, counted by the loop (TFLOPs): ``budget_tflops``,
-  or the mean compute of the ``reference`` method's runs at its preset budget (trained first, under their
-  usual names). Every other run trains from scratch until its counted compute reaches the budget (it stops
-  within one iteration of it; ``train.steps`` is raised tenfold so the budget, not the iteration count,
-  ends it) into ``<run>-<budget>tf``, with a checkpoint each time it crosses a quarter of the budget (the
-  learning-curve points at equal compute). One table, the main one.
-- ``both``: the preset budgets (main table), plus a second table at the compute of the **cheapest** method
-  at its preset budget: each costlier run is continued from its last kept checkpoint under that budget into
-  ``<run>-matched`` (the same iterations as the original up to there: the same seed, data order and RNG
-  states) and evaluated into ``WORKSPACE/eval/bench-<arch>-matched``.
+Budgets: by default every method trains at its own preset budget (iterations), so costs differ by method.
+With ``reference`` (or ``budget_tflops``) every method gets the same training compute, counted by the loop
+(TFLOPs): ``budget_tflops``, or the mean compute of the ``reference`` method's runs at its preset budget
+(trained first, under their usual names). Every other run trains from scratch until its counted compute
+reaches the budget (it stops within one iteration of it; ``train.steps`` is raised tenfold so the budget,
+not the iteration count, ends it) into ``<run>-<budget>tf``, with a checkpoint each time it crosses a quarter
+of the budget (the learning-curve points at equal compute). A bench at each budget is its own eval folder
+and report; runs of the same seed are the same up to a budget (same seed, data order and RNG states).
 
 Learning curves: the runs of the first training seed are scored at every kept checkpoint (``curve_checkpoints``
 are kept per run); every other run at its latest, which is what the tables use. The curves cost a quarter
@@ -43,21 +38,12 @@ import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
-from enum import Enum
 from pathlib import Path
 
 from cdmbench.errors import CdmbenchError, UnknownNameError
 
 CURVE_CHECKPOINTS = 4  # checkpoints kept per bench run (learning curves)
 BUDGET_STEPS_FACTOR = 10  # a run stopped by its compute budget may run this many times its preset iterations
-
-
-class ComputeProtocol(str, Enum):
-    """How the bench sets each method's training budget (see the module docstring)."""
-
-    DEFAULT = "default"
-    MATCHED = "matched"
-    BOTH = "both"
 
 
 @dataclass(frozen=True)
@@ -135,7 +121,6 @@ def run_bench(
     argv: list[str],
     *,
     train_seeds: list[int] = (0,),
-    compute: str = "default",
     reference: str | None = None,
     budget_tflops: float | None = None,
     overrides: dict[str, str] | None = None,
@@ -158,9 +143,9 @@ def run_bench(
         seeds: eval seeds per prompt.
         argv: the command line, shown in the report header.
         train_seeds: training seeds (one run per method and seed).
-        compute: "default", "matched" or "both" (``ComputeProtocol``; the module docstring).
-        reference: with "matched": the method whose preset-budget compute (mean over its runs) is the budget.
-        budget_tflops: with "matched": the budget itself (instead of ``reference``).
+        reference: matched compute: the method whose preset-budget compute (mean over its runs) is every
+            method's budget (the module docstring); None with ``budget_tflops`` None = preset budgets.
+        budget_tflops: matched compute at this budget (instead of ``reference``).
         overrides: ``--set`` overrides applied to every run (e.g. ``train.steps=40`` for a quick bench).
         curve_checkpoints: checkpoints kept per run (the learning curve's points).
         num_prompts, teacher_steps, metrics: narrow the eval (``EvalConfig`` fields); None = its defaults.
@@ -184,9 +169,10 @@ def run_bench(
         raise CdmbenchError(f"jobs: expected an integer in [1, 64], got {jobs!r}")
     if not train_seeds or len(set(train_seeds)) != len(train_seeds) or min(train_seeds) < 0:
         raise CdmbenchError(f"train_seeds: expected distinct integers >= 0, got {list(train_seeds)}")
-    compute = _check_protocol(compute, reference, budget_tflops, names)
+    _check_budget(reference, budget_tflops, names)
     runs = bench_runs(arch, names, list(steps), list(train_seeds), overrides)
-    fixed = [r for r in runs if compute is not ComputeProtocol.MATCHED or r.method == reference]
+    matched = reference is not None or budget_tflops is not None
+    fixed = [r for r in runs if not matched or r.method == reference]
     budgeted = [r for r in runs if r not in fixed]
     configs = {r.name: bench_config(r, arch, curve_checkpoints) for r in fixed}  # bad overrides fail before any training
     for r in budgeted:
@@ -214,9 +200,6 @@ def run_bench(
     eval_in_workers(replace(cfg, runs=curve_runs, checkpoints="all"), jobs)  # the learning curves
     results = eval_in_workers(cfg, jobs)  # every run's latest checkpoint: the tables
     eval_minutes = (time.time() - t_eval) / 60
-    matched, note = None, ""
-    if compute is ComputeProtocol.BOTH:
-        matched, note = _match_compute(arch, runs, configs, workspace, cfg, progress, jobs)
     per_method: dict[str, list[float]] = {}
     iterations: dict[str, list[int]] = {}
     for r in runs:
@@ -243,30 +226,18 @@ def run_bench(
     if overrides:
         header["overrides"] = ", ".join(f"{k}={v}" for k, v in sorted(overrides.items()))
     return build_report(results, out, images_root=cfg.out_dir, title=f"cdmbench bench: {arch}", header=header,
-                        matched_results=matched, matched_note=note, argv=argv)
+                        argv=argv)
 
 
-def _check_protocol(compute, reference, budget_tflops, names: list[str]) -> ComputeProtocol:
-    """The validated ``ComputeProtocol`` (one line naming the argument and its valid values otherwise)."""
-    try:
-        compute = ComputeProtocol(compute)
-    except ValueError:
-        raise CdmbenchError(f"compute: expected one of {', '.join(p.value for p in ComputeProtocol)}; "
-                            f"got {compute!r}") from None
-    if compute is not ComputeProtocol.MATCHED:
-        if reference is not None or budget_tflops is not None:
-            raise CdmbenchError("reference (--reference) / budget_tflops (--budget-tflops) set the budget of "
-                                f"--compute matched only; this bench is --compute {compute.value}")
-        return compute
-    if (reference is None) == (budget_tflops is None):
-        raise CdmbenchError("--compute matched needs exactly one of: --reference METHOD (its default-budget compute "
-                            f"is the budget; one of {', '.join(names)}) or --budget-tflops X")
+def _check_budget(reference, budget_tflops, names: list[str]) -> None:
+    """At most one of ``reference`` / ``budget_tflops``, each valid (one line naming the option otherwise)."""
+    if reference is not None and budget_tflops is not None:
+        raise CdmbenchError("--reference and --budget-tflops both set the matched budget; give one")
     if reference is not None and reference not in names:
         raise UnknownNameError(f"--reference: {reference!r} is not a benched method; valid: {', '.join(names)}")
     if budget_tflops is not None and not (isinstance(budget_tflops, (int, float)) and math.isfinite(budget_tflops)
                                           and budget_tflops > 0):
         raise CdmbenchError(f"--budget-tflops: expected a positive number of TFLOPs, got {budget_tflops!r}")
-    return compute
 
 
 def _train_all(runs: list[BenchRun], configs: dict, workspace: Path, progress: bool, jobs: int) -> dict:
@@ -350,64 +321,6 @@ def run_tflops(run_dir: Path) -> float:
         raise CdmbenchError(f"{run_dir}: no compute record in done.json (trained before compute accounting); "
                             f"retrain it to match compute")
     return float(c)
-
-
-def matched_reference(tflops: dict[str, list[float]]) -> tuple[str, float]:
-    """(method, budget): the method with the smallest mean TFLOPs over its runs, and that mean."""
-    means = {m: sum(v) / len(v) for m, v in tflops.items()}
-    method = min(means, key=means.get)
-    return method, means[method]
-
-
-def fork_at_budget(src: Path, dst: Path, cfg, budget: float, progress: bool = True) -> None:
-    """Continue ``src``'s last kept checkpoint below ``budget`` TFLOPs into ``dst`` under the budget (from
-    scratch when none is below); a finished ``dst`` is kept."""
-    import dataclasses
-
-    from cdmbench.checkpoint import CKPT_DIR
-    from cdmbench.io import read_json, write_text
-    from cdmbench.train import train
-
-    if (dst / "done.json").is_file():
-        return
-    if dst.exists():
-        shutil.rmtree(dst)
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, budget_tflops=budget))
-    below = [c for c in sorted((src / CKPT_DIR).glob("step_*")) if c.is_dir() and not c.name.endswith(".tmp")
-             and ((read_json(c / "meta.json").get("compute") or {}).get("train_tflops") or math.inf) < budget]
-    if not below:
-        train(cfg, dst, progress=progress)
-        return
-    start = below[-1]
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(CKPT_DIR, "done.json", "tensorboard"))
-    shutil.copytree(start, dst / CKPT_DIR / start.name)
-    write_text(dst / CKPT_DIR / "latest", start.name + "\n")
-    train(cfg, dst, resume=True, force=True, progress=progress)  # only the budget differs (a safe change)
-
-
-def _match_compute(arch, runs, configs, workspace: Path, eval_cfg, progress, jobs: int = 1):
-    import dataclasses
-
-    tflops: dict[str, list[float]] = {}
-    for r in runs:
-        tflops.setdefault(r.method, []).append(run_tflops(workspace / "runs" / r.name))
-    ref_method, budget = matched_reference(tflops)
-    names, forks = [], []
-    for r in runs:
-        src = workspace / "runs" / r.name
-        if r.method == ref_method or run_tflops(src) <= budget:
-            names.append(r.name)
-            continue
-        dst = workspace / "runs" / f"{r.name}-matched"
-        forks.append((src, dst, configs[r.name], budget, progress and jobs == 1))
-        names.append(dst.name)
-    in_workers(fork_at_budget, forks, jobs)
-    cfg = dataclasses.replace(eval_cfg, runs=tuple(names), out=str(workspace / "eval" / f"bench-{arch}-matched"),
-                              teacher=False, checkpoints="latest")
-    note = (f"Every method trained to the compute of the cheapest one at its default budget: **{ref_method}**, "
-            f"{budget:.3g} TFLOPs (mean over its runs); costlier runs continue their last checkpoint below that "
-            f"budget and stop within one iteration of it (runs `*-matched`).")
-    return eval_in_workers(cfg, jobs), note
 
 
 def _worker_init(threads: int) -> None:

@@ -20,7 +20,6 @@ from typing import List, Optional
 import typer
 import typer.core
 
-from cdmbench.bench import ComputeProtocol
 from cdmbench.errors import CdmbenchError
 
 
@@ -347,9 +346,8 @@ def bench(
     out: Path = typer.Option(Path("reports/toy"), "--out"),
     seeds: str = typer.Option("0-4", "--seeds", help="Eval seeds per prompt; the diversity metrics need >= 2 (default 5: 10 pairs per prompt)."),
     train_seeds: str = typer.Option("0", "--train-seeds", help="Training seeds: one run per method and seed, e.g. 0-2."),
-    compute: ComputeProtocol = typer.Option(ComputeProtocol.DEFAULT, "--compute", help="Training budgets: default (each method's preset iterations), matched (every method trained to one compute: --reference or --budget-tflops; the main table), both (presets, plus a second table at the cheapest method's compute)."),
-    reference: Optional[str] = typer.Option(None, "--reference", help="With --compute matched: the method whose default-budget compute (mean over its runs) is everyone's budget."),
-    budget_tflops: Optional[float] = typer.Option(None, "--budget-tflops", help="With --compute matched: the budget in counted training TFLOPs (instead of --reference)."),
+    reference: Optional[str] = typer.Option(None, "--reference", help="Matched compute: every method trains to this method's default-budget compute (mean over its runs). Default: each method's own preset budget."),
+    budget_tflops: Optional[float] = typer.Option(None, "--budget-tflops", help="Matched compute at this budget in counted training TFLOPs (instead of --reference)."),
     set_: List[str] = typer.Option([], "--set", help="Override a setting of every run: key=value (e.g. train.steps=40)."),
     num_prompts: Optional[int] = typer.Option(None, "--num-prompts", help="Evaluate the first N prompts."),
     curve_checkpoints: int = typer.Option(4, "--curve-checkpoints", help="Checkpoints kept per run; the first training seed's are all evaluated (learning-curve points)."),
@@ -359,7 +357,7 @@ def bench(
     """Train every method (finished runs are kept), evaluate it (the first training seed at every kept
     checkpoint: learning curves), and report means over training seeds with paired verdicts.
 
-    Example: cdmbench bench --arch toy --train-seeds 0-2 --seeds 0-4 --compute matched --reference cd
+    Example: cdmbench bench --arch toy --train-seeds 0-2 --seeds 0-4 --reference cd
     """
     from cdmbench.bench import run_bench
     from cdmbench.config import parse_overrides
@@ -376,7 +374,7 @@ def bench(
     check_writable_dir(workspace, "--workspace")
     check_writable_dir(out, "--out")
     path = run_bench(arch.value, names, step_list, workspace, out, seeds=seed_list, argv=sys.argv,
-                     train_seeds=parse_int_list(train_seeds, name="train-seeds"), compute=compute.value,
+                     train_seeds=parse_int_list(train_seeds, name="train-seeds"),
                      reference=reference, budget_tflops=budget_tflops,
                      overrides=parse_overrides(set_), curve_checkpoints=curve_checkpoints, num_prompts=num_prompts,
                      progress=not quiet, jobs=jobs)

@@ -146,13 +146,10 @@ def test_budget_config_lets_the_budget_stop_the_run_and_spaces_checkpoints_in_co
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"compute": "fast"}, "compute: expected one of default, matched, both; got 'fast'"),
-    ({"compute": "matched"}, "--compute matched needs exactly one of: --reference METHOD"),
-    ({"compute": "matched", "reference": "cdm", "budget_tflops": 2.0}, "needs exactly one of"),
-    ({"compute": "matched", "reference": "cd"}, "--reference: 'cd' is not a benched method; valid: cdm, dmd2"),
-    ({"compute": "matched", "budget_tflops": -2.0}, "--budget-tflops: expected a positive number"),
-    ({"reference": "cdm"}, "set the budget of --compute matched only; this bench is --compute default"),
-    ({"compute": "both", "budget_tflops": 1.0}, "this bench is --compute both"),
+    ({"reference": "cdm", "budget_tflops": 2.0}, "--reference and --budget-tflops both set the matched budget"),
+    ({"reference": "cd"}, "--reference: 'cd' is not a benched method; valid: cdm, dmd2"),
+    ({"budget_tflops": -2.0}, "--budget-tflops: expected a positive number"),
+    ({"budget_tflops": float("nan")}, "--budget-tflops: expected a positive number"),
 ])
 def test_bench_protocol_errors_name_the_option_before_anything_is_written(kwargs, match, tmp_path):
     from cdmbench.bench import run_bench
@@ -176,12 +173,6 @@ def test_curves_come_from_the_runs_scored_at_several_checkpoints():
     assert curves.loc[(curves["label"] == "a") & (curves["train_step"] == 30), "value"].item() == 30.0  # seed 0 only
     latest_only = _curves(pd.DataFrame([r for r in rows if r["train_step"] == 30]))
     assert set(latest_only["seeds"]) == {"0,1"}  # no run has a curve: every run's point, over its seeds
-
-
-def test_matched_reference_is_the_cheapest_method():
-    from cdmbench.bench import matched_reference
-
-    assert matched_reference({"cdm": [3.0, 3.2], "dmd2": [1.0, 1.2], "cd": [2.0]}) == ("dmd2", pytest.approx(1.1))
 
 
 def _plain_rows(rows, tmp_path, name="results.csv"):

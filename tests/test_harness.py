@@ -251,7 +251,7 @@ def test_bench_keeps_finished_runs_and_reports_command_versions_and_times(worksp
 
 
 def test_matched_bench_trains_every_method_to_the_reference_compute(tmp_path):
-    """--compute matched --reference dmd2: dmd2 at its (tiny) preset, cdm from scratch to dmd2's mean compute;
+    """--reference dmd2: dmd2 at its (tiny) preset, cdm from scratch to dmd2's mean compute;
     one eval folder named by the budget; curves from training seed 0 only; the header says the protocol."""
     from cdmbench.bench import budget_tag, run_bench
     from cdmbench.io import read_json
@@ -259,7 +259,7 @@ def test_matched_bench_trains_every_method_to_the_reference_compute(tmp_path):
     ws = tmp_path / "ws"
     over = {"train.steps": "2", "train.batch_size": "2", "warmup": "0", "train.log_every": "1"}
     report = run_bench("toy", ["dmd2", "cdm"], [1], ws, tmp_path / "report", [0], ["cdmbench", "bench"],
-                       train_seeds=[0, 1], compute="matched", reference="dmd2", overrides=over, num_prompts=4,
+                       train_seeds=[0, 1], reference="dmd2", overrides=over, num_prompts=4,
                        teacher_steps=(1,), metrics=("attr_acc",), progress=False)
     budget = sum(read_json(ws / "runs" / f"dmd2-toy-s{s}" / "done.json")["compute"]["train_tflops"]
                  for s in (0, 1)) / 2

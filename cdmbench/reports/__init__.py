@@ -3,8 +3,8 @@
 ``build_report(results_path, out_dir)`` writes, each file atomically::
 
     out_dir/report.md            title, header, per arch: summary, verdicts and ranks per step count,
-                                 training compute, one table (+ plots) per metric, matched compute, grid
-    out_dir/results.csv          the tidy rows it was built from (results_matched.csv: the matched runs)
+                                 training compute, one table (+ plots) per metric, grid
+    out_dir/results.csv          the tidy rows it was built from
     out_dir/tables/*.csv         <arch>_<metric>.csv pivots, summary_<arch>.csv, cells/pairs/ranks/curves.csv
     out_dir/plots/*.png          <arch>_<metric>.png (vs steps), <arch>_<metric>_vs_compute.png
     out_dir/grid.png             (method, steps) rows × (prompt, seed) columns (grid_<arch>.png when several archs)
@@ -40,8 +40,6 @@ def build_report(
     header: dict | None = None,
     grid_prompts: int = 4,
     grid_seeds: int = 2,
-    matched_results: str | os.PathLike | None = None,
-    matched_note: str = "",
     argv: list[str] | None = None,
 ) -> Path:
     """Build the report for a results file (``cdmbench.eval.results.RESULT_COLUMNS``).
@@ -58,9 +56,6 @@ def build_report(
             date, n, prompt set, seeds, training seeds, global batch); a callable value is called when the text is
             rendered, after the aggregates, plots and grids.
         grid_prompts, grid_seeds: the grid's columns: this many distinct prompts × seeds.
-        matched_results: a second results file of compute-matched runs (``cdmbench bench --compute both``):
-            its own summary, ranking and results copy.
-        matched_note: how the matched budget was chosen, shown above that section.
         argv: the command line for the header (default ``sys.argv``).
 
     Returns:
@@ -110,16 +105,6 @@ def build_report(
             name = f"plots/{t.key}_vs_compute.png"
             plots.plot_vs_compute(curve, t, out_dir / name)
             compute_plots[t.key] = name
-    matched = None
-    if matched_results is not None:
-        mdf = tables.load_results(matched_results)
-        magg = aggregate(mdf, Path(matched_results).parent)
-        mtables = [t for t in tables.metric_tables(cells_as_rows(magg)) if t.applies]
-        _write_frames(out_dir / "tables", {"matched_cells": magg.cells, "matched_pairs": magg.pairs,
-                                           "matched_ranks": magg.ranks}, atomic_path)
-        with atomic_path(out_dir / "results_matched.csv") as tmp:
-            shutil.copyfile(matched_results, tmp)
-        matched = (magg, mtables, matched_note)
     grids = {}
     run_seeds = {r: float(s) for r, s in zip(df["run"], pd.to_numeric(df["train_seed"], errors="coerce"))
                  if not pd.isna(s)}
@@ -135,7 +120,7 @@ def build_report(
     facts = {**markdown.report_facts(df, eval_dir, sys.argv if argv is None else argv),
              **{k: v() if callable(v) else v for k, v in (header or {}).items()}}
     text = markdown.render_report(title, facts, summaries, metric_tables, plot_paths, grids, agg=agg,
-                                  compute_plots=compute_plots, matched=matched, hidden=hidden)
+                                  compute_plots=compute_plots, hidden=hidden)
     report = out_dir / "report.md"
     write_text(report, text)
     return report

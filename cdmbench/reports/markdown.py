@@ -383,6 +383,8 @@ def compute_markdown(cells: pd.DataFrame, arch: str) -> str:
     """Training compute per method (its runs' latest evaluated checkpoints, mean over runs)."""
     c = cells[(cells["arch"] == arch) & (cells["status"] == "ok") & cells["train_tflops"].notna()]
     rows = []
+    order = {lb: i for i, lb in enumerate(dict.fromkeys(c["label"]))}  # methods as listed, steps ascending
+    c = c.assign(_o=c["label"].map(order)).sort_values(["_o", "steps"], kind="stable")
     for (label, steps), g in c.groupby(["label", "steps"], sort=False):
         g = g.iloc[0]
         rows.append([_escape(label), str(int(steps)), _escape(g["runs"]), str(int(g["n_seeds"])),
@@ -401,12 +403,10 @@ def render_report(
     grids: dict[str, str] | None = None,
     agg=None,
     compute_plots: dict[str, str] | None = None,
-    matched=None,
     hidden: list[MetricTable] | None = None,
 ) -> str:
     """The whole report.md: title, header, legend, per arch a summary, empty-cell reasons (once), the
-    rankings and pairwise verdicts per step count, training compute, metric sections, matched compute,
-    sample grid. ``hidden``: tables left out as not applicable (named once per arch)."""
+    rankings and pairwise verdicts per step count, training compute, metric sections, sample grid. ``hidden``: tables left out as not applicable (named once per arch)."""
     plots, grids, compute_plots, hidden = plots or {}, grids or {}, compute_plots or {}, hidden or []
     parts = [f"# {title}"]
     if header:
@@ -433,20 +433,6 @@ def render_report(
                              "forward passes in samples.\n\n" + compute_markdown(agg.cells, s.arch))
         for t in (t for t in tables if t.arch == s.arch):
             parts.append(metric_section(t, plots.get(t.key), reasons=False, compute_plot=compute_plots.get(t.key)))
-        if matched is not None:
-            magg, mtables, note = matched
-            msum = [m for m in mtables if m.arch == s.arch]
-            if msum:
-                from cdmbench.reports.tables import summary as make_summary
-                from cdmbench.reports import cells_as_rows
-
-                ms = make_summary(cells_as_rows(magg), msum, s.arch)
-                parts.append("### Matched training compute\n\n" + (note + "\n\n" if note else "")
-                             + summary_markdown(ms))
-                mverdicts = _verdicts(magg, s.arch, {t.metric: t.higher_is_better for t in msum}, "####",
-                                      "matched compute: ")
-                if mverdicts:
-                    parts.append(mverdicts)
         if s.arch in grids:
             parts.append(
                 "### Samples\n\nRows: methods by step count (the teacher's reference setting on top; one training "
@@ -456,14 +442,14 @@ def render_report(
     return "\n\n".join(parts) + "\n"
 
 
-def _verdicts(agg, arch: str, titles: dict, level: str, prefix: str = "") -> str:
+def _verdicts(agg, arch: str, titles: dict, level: str) -> str:
     out = []
     steps_list = sorted(set(int(x) for x in agg.cells.loc[(agg.cells["arch"] == arch)
                                                            & (agg.cells["status"] == "ok"), "steps"]))
     for steps in steps_list:
         if agg.pairs.empty or not ((agg.pairs["arch"] == arch) & (agg.pairs["steps"] == steps)).any():
             continue
-        out.append(f"{level} {prefix}{_steps_label(steps)}: ranking and paired verdicts\n\n"
+        out.append(f"{level} {_steps_label(steps)}: ranking and paired verdicts\n\n"
                    "Rank (mean): 1 + the number of methods better at 95 % on the same items; teacher: reference.\n\n"
                    + ranking_markdown(agg.cells, agg.ranks, arch, steps, titles)
                    + "\n\nA − B with its paired 95 % interval: ▲ A better, ▼ A worse, = not distinguishable.\n\n"

@@ -232,8 +232,9 @@ def plot_vs_compute(curve, t: MetricTable, out_path: str | os.PathLike) -> Path:
                    key=int)
     who = (f"training seed {seeds[0]}" if len(seeds) == 1 else
            f"mean over training seeds {', '.join(seeds)}" if seeds else "mean over training seeds")
-    fig.suptitle(plot_title(t, " vs training compute") + f"\n{who} at each kept checkpoint (EMA); "
-                 "no intervals: read trends, not single points", fontsize=10)
+    fig.suptitle(plot_title(t, " vs training compute") + f"\n{who} at each kept checkpoint (EMA); no intervals: "
+                 "read trends, not single points; a line that starts late spent compute before its first "
+                 "iteration (e.g. teacher samples)", fontsize=10)
     fig.legend(list(handles.values()), list(handles.keys()), loc="center left", bbox_to_anchor=(1.0, 0.5),
                frameon=False, fontsize=9)
     fig.tight_layout()
